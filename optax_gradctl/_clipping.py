@@ -1,0 +1,209 @@
+"""Clipping: elementwise by value, and by norm (global or per leaf)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from optax_gradctl import _reduce, _stats
+from optax_gradctl._validation import check_choice, check_number, concrete
+
+
+def clip_by_value(
+  max_value: ArrayLike,
+  min_value: ArrayLike | None = None,
+  *,
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """Clamps every gradient element to ``[min_value, max_value]``.
+
+  .. math::
+    g_i \\leftarrow \\min(\\max(g_i, \\text{min\\_value}), \\text{max\\_value})
+
+  Unlike ``optax.clip``, the interval need not be symmetric. NaN stays NaN;
+  ``+inf`` and ``-inf`` clamp to the bounds. Each element is clamped in float32
+  (or float64) and cast back, so a 16-bit gradient keeps its dtype.
+
+  Args:
+    max_value: the upper bound.
+    min_value: the lower bound; ``-max_value`` if ``None``.
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``; only the statistics need it.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`ClipByValueState`, holds ``norm`` (the global L2 norm of the
+    incoming gradient) and ``clipped_fraction`` (the fraction of elements that
+    were clamped).
+
+  Raises:
+    ValueError: if a bound is NaN, or ``min_value > max_value`` (with
+      ``min_value=None``, if ``max_value < 0``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.clip_by_value(1.0)
+    >>> g = jnp.array([0.7, 1.1, 3.4])
+    >>> updates, state = tx.update(g, tx.init(g))
+    >>> updates
+    Array([0.7, 1. , 1. ], dtype=float32)
+    >>> float(state.clipped_fraction)
+    0.6666666865348206
+  """
+  owner = "clip_by_value"
+  check_number(owner, "max_value", max_value)
+  check_number(owner, "min_value", min_value)
+  hi, lo = concrete(max_value), concrete(min_value)
+  if min_value is None and hi is not None and hi < 0:
+    raise ValueError(f"{owner}: max_value must be >= 0 when min_value is None, got {max_value!r}")
+  if hi is not None and lo is not None and lo > hi:
+    raise ValueError(
+      f"{owner}: min_value must be <= max_value, got min_value={min_value!r} > max_value={max_value!r}"
+    )
+
+  def init_fn(params: Any) -> _stats.ClipByValueState:
+    del params
+    return _stats.ClipByValueState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    floats, rebuild = _reduce.split_floats(updates)
+    upper = jnp.asarray(max_value)
+    lower = -upper if min_value is None else jnp.asarray(min_value)
+    red = _reduce.reduce(floats, axis_name=axis_name)
+    fraction = _reduce.fraction_outside(floats, lower, upper, axis_name=axis_name)
+    clamped = _reduce.apply(
+      floats, "global", lambda x, s: jnp.clip(x, lower.astype(x.dtype), upper.astype(x.dtype))
+    )
+    return rebuild(clamped), _stats.ClipByValueState(norm=red.norm, clipped_fraction=fraction)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_norm(
+  max_norm: ArrayLike,
+  *,
+  norm: _reduce.NormOrd = "l2",
+  scope: _reduce.Scope = "global",
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """Rescales the gradient to norm ``max_norm`` where its norm exceeds it.
+
+  .. math::
+    g \\leftarrow g \\cdot \\min\\left(1, \\frac{\\text{max\\_norm}}{\\|g\\|}\\right)
+
+  With ``scope="global"`` the whole pytree is one vector, as in PyTorch's
+  ``clip_grad_norm_``; with ``scope="leaf"`` each array is clipped on its own,
+  like Keras' ``clipnorm``. A gradient within the bound is returned bitwise
+  unchanged.
+
+  The norm is computed safely over the whole float range: float16 gradients of
+  300 or float32 gradients of 1e20, whose squares overflow, are still clipped
+  to the right norm and direction, as are gradients of 1e-30. A gradient
+  holding NaN or inf becomes all NaN, so ``optax.apply_if_finite`` can skip it.
+
+  Args:
+    max_norm: the largest norm let through, ``>= 0`` (0 zeroes the gradient;
+      inf never clips).
+    norm: ``"l2"``, ``"l1"`` or ``"linf"``.
+    scope: ``"global"`` or ``"leaf"``.
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``, so that the norm covers the whole sharded gradient.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`ClipByNormState`, holds ``norm`` (the global L2 norm of the
+    incoming gradient) and ``clipped_fraction`` (the fraction of scopes that
+    were rescaled).
+
+  Raises:
+    ValueError: if ``max_norm`` is negative or NaN, or ``norm`` or ``scope``
+      is unknown.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.clip_by_norm(1.0, norm="l2", scope="leaf")
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> updates, state = tx.update(g, tx.init(g))
+    >>> updates["a"], updates["b"]
+    (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
+    >>> float(state.clipped_fraction)
+    0.5
+
+  References:
+    Pascanu et al., `On the difficulty of training recurrent neural networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013
+  """
+  return _clip_by_norm(max_norm, norm, scope, axis_name, "clip_by_norm", _stats.ClipByNormState)
+
+
+def clip_by_global_norm(
+  max_norm: ArrayLike,
+  *,
+  norm: _reduce.NormOrd = "l2",
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """Clips the norm of the whole gradient pytree to ``max_norm``.
+
+  The same as :func:`clip_by_norm` with ``scope="global"``; its statistics
+  appear in :func:`stats` under ``clip_by_global_norm``.
+
+  Args:
+    max_norm: the largest norm let through, ``>= 0``.
+    norm: ``"l2"``, ``"l1"`` or ``"linf"``.
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`ClipByGlobalNormState`, holds ``norm`` and ``clipped_fraction``
+    (1.0 when the step was clipped, else 0.0).
+
+  Raises:
+    ValueError: if ``max_norm`` is negative or NaN, or ``norm`` is unknown.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.clip_by_global_norm(1.0)
+    >>> g = jnp.array([300.0, 400.0], jnp.float16)  # its squares overflow float16
+    >>> updates, state = tx.update(g, tx.init(g))
+    >>> updates, float(state.norm)
+    (Array([0.6, 0.8], dtype=float16), 500.0)
+
+  References:
+    Pascanu et al., `On the difficulty of training recurrent neural networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013
+  """
+  return _clip_by_norm(
+    max_norm, norm, "global", axis_name, "clip_by_global_norm", _stats.ClipByGlobalNormState
+  )
+
+
+def _clip_by_norm(
+  max_norm, norm, scope, axis_name, owner, state_type
+) -> optax.GradientTransformation:
+  check_number(owner, "max_norm", max_norm, low=0.0)
+  check_choice(owner, "norm", norm, _reduce.NORMS)
+  check_choice(owner, "scope", scope, _reduce.SCOPES)
+
+  def init_fn(params: Any):
+    del params
+    return state_type(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    floats, rebuild = _reduce.split_floats(updates)
+    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axis_name=axis_name)
+    value = getattr(red, norm)
+    s1, s2, clipped = _reduce.scale_factors(value, max_norm, clip=True)
+    out = _reduce.apply(floats, scope, lambda x, s: x * s1[s] * s2[s])
+    fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
+    return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
+
+  return optax.GradientTransformation(init_fn, update_fn)

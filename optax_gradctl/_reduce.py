@@ -1,0 +1,515 @@
+"""Every reduction over a gradient pytree.
+
+This module is the only place that reduces over a pytree. A gradient flows
+through it once per step:
+
+1. :func:`split_floats` keeps the floating-point leaves; ``None``, integer
+   and ``float0`` leaves pass through untouched and never count.
+2. :func:`reduce` reads each float leaf once and returns, per *scope*
+   (the whole tree, or each leaf), the requested norms and moments in a
+   scaled form that cannot overflow or underflow, plus the global L2 norm of
+   the tree as a float32 statistic.
+3. The transforms turn those into one scale (and shift) per scope and apply it
+   with :func:`apply`, which casts back to each leaf's dtype.
+
+Numerics. All sums accumulate in at least float32 (float64 leaves in float64).
+The common case costs one reduction pass: unscaled sums whose size shows that
+no square overflowed or underflowed. Only when that check fails (gradients
+near the dtype's limits, zero or constant gradients, or a mean that dwarfs the
+spread) does a ``lax.cond`` branch re-read the leaves scaled by a power of two,
+as LAPACK's ``nrm2`` scales. Results are carried as ``m * 2**e`` so that a norm
+larger than the float32 range still clips to the right value.
+
+Across devices. With ``axis_name`` every partial reduction is combined over
+those mesh axes inside ``shard_map``: sums by ``psum``, maxima by ``pmax``,
+each packed into one small vector so that a step needs a fixed number of
+collectives whatever the number of leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+Scope = Literal["global", "leaf"]
+NormOrd = Literal["l2", "l1", "linf"]
+AxisName = Hashable | tuple[Hashable, ...] | None
+
+SCOPES: tuple[str, ...] = ("global", "leaf")
+NORMS: tuple[str, ...] = ("l2", "l1", "linf")
+
+# An unscaled sum of squares at least this large lost nothing that matters to
+# underflow: any square that flushed to zero is below 2**-126, so it weighs
+# less than 2**-66 of the total (2**-500 for float64 accumulation).
+_TRUSTED_SUMSQ = {np.dtype(np.float32): 2.0**-60, np.dtype(np.float64): 2.0**-500}
+# The one-pass variance sum(x**2) - sum(x)**2 / n is trusted while the mean
+# accounts for less than 63/64 of sum(x**2), i.e. at most 6 bits cancel.
+_CANCELLATION = 2.0**-6
+# When fast sums of squares fail, the leaves are re-read times 2**-big (the
+# sum overflowed) or 2**small (it was below the trusted size). Either keeps
+# every square that matters normal and every sum finite for up to 2**38
+# elements per scope.
+_RESCALE = {np.dtype(np.float32): (100, 75), np.dtype(np.float64): (800, 600)}
+
+
+# --------------------------------------------------------------------------
+# Leaves
+
+
+def _leaf_dtype(x: Any) -> np.dtype | None:
+  if x is None:
+    return None
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    if isinstance(x, (bool, int, np.integer, np.bool_)):
+      return np.dtype(np.int32)
+    if isinstance(x, (float, np.floating)):
+      return np.dtype(jnp.result_type(float))
+    return None
+  return np.dtype(dtype)
+
+
+def is_float(x: Any) -> bool:
+  """Whether a leaf takes part in gradient control (a real floating array).
+
+  Raises:
+    TypeError: for a complex leaf, which no transform here defines.
+  """
+  dtype = _leaf_dtype(x)
+  if dtype is None:
+    return False
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+      f"optax_gradctl: complex gradient leaves are not supported, got a leaf"
+      f" of dtype {dtype}; split it into real and imaginary parts."
+    )
+  return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def split_floats(tree: Any) -> tuple[list[jax.Array], Callable[[Sequence[Any]], Any]]:
+  """Returns the float leaves of ``tree`` and a function that puts new ones back.
+
+  ``None`` leaves vanish in flattening; integer and ``float0`` leaves are kept
+  aside and returned unchanged by the rebuild function.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  index = [i for i, x in enumerate(leaves) if is_float(x)]
+  floats = [jnp.asarray(leaves[i]) for i in index]
+
+  def rebuild(new_floats: Sequence[Any]) -> Any:
+    out = list(leaves)
+    for i, x in zip(index, new_floats, strict=True):
+      out[i] = x
+    return jax.tree.unflatten(treedef, out)
+
+  return floats, rebuild
+
+
+def acc_dtype(floats: Sequence[jax.Array]) -> np.dtype:
+  """The accumulation dtype: float32, or float64 when any leaf is float64."""
+  dtype = np.dtype(np.float32)
+  for x in floats:
+    dtype = np.promote_types(dtype, x.dtype)
+  return dtype
+
+
+# --------------------------------------------------------------------------
+# Powers of two
+
+
+def exp2(k: jax.Array, dtype: np.dtype) -> jax.Array:
+  """``2**k`` exactly, for integer ``k`` within the normal range of ``dtype``."""
+  info = jnp.finfo(dtype)
+  bits, itype = (23, jnp.int32) if dtype == np.float32 else (52, jnp.int64)
+  k = jnp.clip(k, info.minexp, info.maxexp - 1).astype(itype)
+  return lax.bitcast_convert_type((k + (info.maxexp - 1)) << bits, dtype)
+
+
+def split_exp2(k: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+  """Two normal factors whose product is ``2**k``, for ``k`` beyond one float's range."""
+  half = k // 2
+  return exp2(half, dtype), exp2(k - half, dtype)
+
+
+def exponent(x: jax.Array) -> jax.Array:
+  """The int32 ``e`` with ``x = f * 2**e`` and ``0.5 <= |f| < 1``; 0 for 0, inf or NaN."""
+  x = lax.stop_gradient(x)
+  _, e = jnp.frexp(x)
+  return jnp.where(jnp.isfinite(x) & (x != 0), e, 0).astype(jnp.int32)
+
+
+class Pow2(NamedTuple):
+  """A non-negative value per scope, ``m * 2**e``, safe from over- and underflow."""
+
+  m: jax.Array  # accumulation dtype, shape [S]
+  e: jax.Array  # int32, shape [S]
+
+  def normalized(self) -> Pow2:
+    """The same value with ``0.5 <= m < 1`` (``m`` unchanged if 0, inf or NaN)."""
+    k = exponent(self.m)
+    return Pow2(self.m * exp2(-k, self.m.dtype), self.e + k)
+
+  def to_float32(self) -> jax.Array:
+    """The value as float32: inf where it exceeds the float32 range."""
+    a, b = split_exp2(self.e, self.m.dtype)
+    return (self.m * a * b).astype(jnp.float32)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt`` with a finite gradient at 0 (the double-``where`` pattern)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), jnp.where(x == 0, 0, x))
+
+
+# --------------------------------------------------------------------------
+# Cross-device combination
+
+
+def _axis_size(axis_name: AxisName) -> int:
+  if axis_name is None:
+    return 1
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return math.prod(lax.axis_size(n) for n in names)
+
+
+def _allreduce(
+  parts: dict[str, jax.Array], op: Callable, axis_name: AxisName
+) -> dict[str, jax.Array]:
+  """One collective for all ``parts``: packed into a vector, reduced, unpacked."""
+  if axis_name is None or not parts:
+    return parts
+  names = list(parts)
+  dtype = jnp.result_type(*parts.values())
+  sizes = [parts[n].size for n in names]
+  packed = op(jnp.concatenate([parts[n].astype(dtype).ravel() for n in names]), axis_name)
+  out, start = {}, 0
+  for n, size in zip(names, sizes, strict=True):
+    out[n] = packed[start : start + size].reshape(parts[n].shape).astype(parts[n].dtype)
+    start += size
+  return out
+
+
+# --------------------------------------------------------------------------
+# The reduction
+
+
+class Moments(NamedTuple):
+  """Mean and centred sum of squares per scope, in units of ``2**e``."""
+
+  mean: jax.Array  # [S], the mean of x * 2**-e
+  m2: jax.Array  # [S], sum((x * 2**-e - mean)**2)
+  e: jax.Array  # int32 [S]
+  n: np.ndarray  # int64 [S], elements per scope (static)
+  constant: jax.Array  # bool [S], every element equal (exactly)
+
+
+class Reduction(NamedTuple):
+  """What :func:`reduce` found. Fields not asked for are ``None``."""
+
+  norm: jax.Array  # float32 scalar: global L2 norm of the whole tree
+  l2: Pow2 | None = None
+  l1: Pow2 | None = None
+  linf: Pow2 | None = None
+  moments: Moments | None = None
+
+
+def scope_of(floats: Sequence[jax.Array], scope: Scope) -> list[int]:
+  """The scope index of each float leaf."""
+  return [0] * len(floats) if scope == "global" else list(range(len(floats)))
+
+
+def _per_scope(values: list[jax.Array], scope: Scope, op: Callable = jnp.sum) -> jax.Array:
+  stacked = jnp.stack(values)
+  return op(stacked, axis=0, keepdims=True) if scope == "global" else stacked
+
+
+def _sum(x: jax.Array) -> jax.Array:
+  return jnp.sum(x)
+
+
+def _max(x: jax.Array) -> jax.Array:
+  return jnp.max(x, initial=-jnp.inf)
+
+
+def _scaled_leaf(x: jax.Array, k: jax.Array) -> jax.Array:
+  """``x * 2**k`` for ``2**k`` a normal number: one scalar factor, fused into the reduction."""
+  return x * exp2(k, x.dtype)
+
+
+def reduce(
+  floats: Sequence[jax.Array],
+  *,
+  scope: Scope = "global",
+  norms: Sequence[str] = (),
+  moments: bool = False,
+  axis_name: AxisName = None,
+) -> Reduction:
+  """Reduces the float leaves once, per scope.
+
+  Args:
+    floats: the float leaves (from :func:`split_floats`).
+    scope: ``"global"`` (one scope, the whole tree) or ``"leaf"``.
+    norms: any of ``"l2"``, ``"l1"``, ``"linf"``.
+    moments: also compute the mean and the centred sum of squares.
+    axis_name: mesh axes over which every leaf is partitioned (``shard_map``).
+
+  Returns:
+    A :class:`Reduction`. Its ``norm`` is always the global L2 norm as float32.
+  """
+  norms = tuple(norms)
+  if not floats:
+    zero = Pow2(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
+    mom = None
+    if moments:
+      z = jnp.zeros((0,), jnp.float32)
+      mom = Moments(z, z, zero.e, np.zeros((0,), np.int64), jnp.zeros((0,), bool))
+    return Reduction(
+      jnp.zeros((), jnp.float32),
+      *(zero if n in norms else None for n in NORMS),
+      mom,
+    )
+  acc = acc_dtype(floats)
+  devices = _axis_size(axis_name)
+  sizes = [x.size * devices for x in floats]
+  n = np.array([sum(sizes)] if scope == "global" else sizes, np.int64)
+  n_acc = jnp.asarray(n, acc)
+  need_sum = moments
+  need_abs = "l1" in norms
+
+  # Fast pass: unscaled sums, read once.
+  fast = {"sumsq": [_sum(jnp.square(x.astype(acc))) for x in floats]}
+  if need_abs:
+    fast["sumabs"] = [_sum(jnp.abs(x.astype(acc))) for x in floats]
+  if need_sum:
+    fast["sum"] = [_sum(x.astype(acc)) for x in floats]
+  fast = {k: _per_scope(v, scope) for k, v in fast.items()}
+  fast_max = {}
+  if "linf" in norms:
+    fast_max["amax"] = _per_scope([_max(jnp.abs(x.astype(acc))) for x in floats], scope, jnp.max)
+  fast = _allreduce(fast, lax.psum, axis_name)
+  fast_max = _allreduce(fast_max, lax.pmax, axis_name)
+
+  sumsq = fast["sumsq"]
+  trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
+  ok = jnp.all(trusted) & jnp.isfinite(jnp.sum(sumsq))
+  if moments:
+    fast_m2 = sumsq - jnp.square(fast["sum"]) / n_acc
+    ok &= jnp.all(fast_m2 >= _CANCELLATION * sumsq)
+
+  def fast_branch(_):
+    out = {
+      "sumsq": sumsq,
+      "e": jnp.zeros(sumsq.shape, jnp.int32),
+      "norm_e": jnp.zeros((), jnp.int32),
+      "norm_sumsq": jnp.sum(sumsq),
+    }
+    if need_abs:
+      out["sumabs"] = fast["sumabs"]
+    if "linf" in norms:
+      out["amax"] = fast_max["amax"]
+    if moments:
+      out["mean"] = fast["sum"] / n_acc
+      out["m2"] = jnp.maximum(fast_m2, 0)
+      out["constant"] = jnp.zeros(sumsq.shape, bool)
+    return out
+
+  def slow_branch(leaves):
+    leaves = [x.astype(acc) for x in leaves]
+    parts, e, extra = (_moments_pass if moments else _rescaled_pass)(leaves)
+    parts = {k: _per_scope(v, scope) for k, v in parts.items()}
+    parts = _allreduce(parts, lax.psum, axis_name)
+    out = {"sumsq": parts["sumsq"], "e": e}
+    # The global L2 statistic combines the scopes at the largest scale.
+    top = jnp.max(e)
+    a, b = split_exp2(2 * (e - top), acc)
+    out["norm_e"], out["norm_sumsq"] = top, jnp.sum(parts["sumsq"] * a * b)
+    if need_abs:
+      out["sumabs"] = parts["sumabs"]
+    if "linf" in norms:
+      out["amax"] = fast_max["amax"]
+    if moments:
+      anchor, constant = extra
+      out["mean"] = anchor + parts["dsum"] / n_acc
+      out["m2"] = jnp.maximum(parts["dsumsq"] - jnp.square(parts["dsum"]) / n_acc, 0)
+      out["m2"] = jnp.where(constant, 0, out["m2"])
+      out["constant"] = constant
+    return out
+
+  def _rescaled_pass(leaves):
+    # The failed fast sums tell which way to scale, by one power of two.
+    big, small = _RESCALE[acc]
+    e = jnp.where(jnp.isfinite(sumsq), jnp.where(trusted, 0, -small), big).astype(jnp.int32)
+    owner = scope_of(leaves, scope)
+    scaled = [_scaled_leaf(x, -e[s]) for x, s in zip(leaves, owner, strict=True)]
+    parts = {"sumsq": [_sum(jnp.square(y)) for y in scaled]}
+    if need_abs:
+      parts["sumabs"] = [_sum(jnp.abs(y)) for y in scaled]
+    return parts, e, None
+
+  def _moments_pass(leaves):
+    # One pass for the extremes: they give an exact power-of-two scale per
+    # scope, and find constant scopes exactly. A second for the moments,
+    # about an anchor near the mean.
+    owner = scope_of(leaves, scope)
+    ext = {
+      "hi": _per_scope([_max(x) for x in leaves], scope, jnp.max),
+      "neglo": _per_scope([_max(-x) for x in leaves], scope, jnp.max),
+    }
+    ext = _allreduce(ext, lax.pmax, axis_name)
+    hi, lo = ext["hi"], -ext["neglo"]
+    # Clamped so that 2**-e is a normal number: the largest scaled element
+    # then lies in [0.5, 8).
+    lim = jnp.finfo(acc).maxexp - 3
+    e = jnp.clip(exponent(jnp.maximum(hi, -lo)), -lim, lim)
+    constant = hi == lo
+    fast_mean = fast["sum"] / n_acc
+    anchor = jnp.where(jnp.isfinite(fast_mean), fast_mean, hi / 2 + lo / 2)
+    anchor = lax.stop_gradient(jnp.where(constant, hi, anchor) * exp2(-e, acc))
+    scaled = [_scaled_leaf(x, -e[s]) for x, s in zip(leaves, owner, strict=True)]
+    dev = [y - anchor[s] for y, s in zip(scaled, owner, strict=True)]
+    parts = {
+      "sumsq": [_sum(jnp.square(y)) for y in scaled],
+      "dsum": [_sum(d) for d in dev],
+      "dsumsq": [_sum(jnp.square(d)) for d in dev],
+    }
+    return parts, e, (anchor, constant)
+
+  res = lax.cond(ok, fast_branch, slow_branch, list(floats))
+  e = res["e"]
+  norm = Pow2(safe_sqrt(res["norm_sumsq"])[None], res["norm_e"][None]).to_float32()[0]
+  out = Reduction(norm=norm)
+  if "l2" in norms:
+    out = out._replace(l2=Pow2(safe_sqrt(res["sumsq"]), e))
+  if "l1" in norms:
+    out = out._replace(l1=Pow2(res["sumabs"], e))
+  if "linf" in norms:
+    out = out._replace(linf=Pow2(res["amax"], jnp.zeros_like(e)))
+  if moments:
+    out = out._replace(moments=Moments(res["mean"], res["m2"], e, n, res["constant"]))
+  return out
+
+
+def reciprocal_pow2(k: jax.Array, valid: jax.Array, dtype: np.dtype) -> jax.Array:
+  """``2**-k`` where ``valid``, NaN elsewhere, computed as a divide.
+
+  XLA copies cheap scalar arithmetic into every consumer fusion, which at
+  thousands of leaves multiplies compile time; it does not copy a divide. The
+  divide by a power of two is exact.
+  """
+  one = jnp.where(valid, jnp.asarray(1, dtype), jnp.asarray(jnp.nan, dtype))
+  return one / exp2(k, dtype)
+
+
+def apply(
+  floats: Sequence[jax.Array],
+  scope: Scope,
+  fn: Callable[[jax.Array, int], jax.Array],
+) -> list[jax.Array]:
+  """Applies ``fn(x, s)`` to each leaf in its accumulation dtype, cast back to its own."""
+  owner = scope_of(floats, scope)
+  acc = acc_dtype(floats)
+  return [fn(x.astype(acc), s).astype(x.dtype) for x, s in zip(floats, owner, strict=True)]
+
+
+def scale_factors(
+  value: Pow2, target: ArrayLike, clip: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Two factors per scope whose product is ``target / value``.
+
+  Multiplying a leaf by the first and then the second keeps every
+  intermediate in range even when ``value`` exceeds the dtype.
+
+  Args:
+    value: the norm per scope.
+    target: the norm to rescale to (``max_norm``, or 1).
+    clip: rescale only where ``value > target``; elsewhere both factors are
+      exactly 1, so the leaf is returned bitwise unchanged.
+
+  Returns:
+    ``(s1, s2, active)``, each of shape [S]: the factors, and where they
+    rescale. Where ``value`` is not finite the factors are NaN, so the whole
+    scope becomes NaN.
+  """
+  dtype = value.m.dtype
+  v = value.normalized()  # v.m in [0.5, 1), or 0, inf, NaN
+  target = jnp.asarray(target, dtype)
+  t_m, t_e = jnp.frexp(target)
+  positive = v.m > 0
+  finite = jnp.isfinite(v.m)
+  if clip:
+    above = (v.e > t_e) | ((v.e == t_e) & (v.m > t_m)) | (target == 0)
+    active = positive & above & jnp.isfinite(target)
+  else:
+    active = positive
+  # value = v.m * 2**v.e, so target / value = (target / 2 / v.m) * 2**(1 - v.e).
+  k1 = jnp.where(active, (1 - v.e) // 2, 0)
+  k2 = jnp.where(active, (1 - v.e) - k1, 0)
+  nan = jnp.asarray(jnp.nan, dtype)
+  # Both factors end in a divide, which XLA computes once for all leaves.
+  s1 = reciprocal_pow2(-k1, finite, dtype)
+  numerator = jnp.where(active, target / 2 * exp2(k2, dtype), 1)
+  s2 = jnp.where(finite, numerator, nan) / jnp.where(active, v.m, 1)
+  return s1, s2, active
+
+
+def fraction_outside(
+  floats: Sequence[jax.Array], lower: jax.Array, upper: jax.Array, *, axis_name: AxisName = None
+) -> jax.Array:
+  """The float32 fraction of all float elements outside ``[lower, upper]`` (NaN is inside)."""
+  if not floats:
+    return jnp.zeros((), jnp.float32)
+  acc = acc_dtype(floats)
+  counts = [
+    jnp.sum((x.astype(acc) > upper) | (x.astype(acc) < lower), dtype=jnp.int32) for x in floats
+  ]
+  total = jnp.sum(jnp.stack(counts).astype(jnp.float32))
+  total = _allreduce({"count": total}, lax.psum, axis_name)["count"]
+  return total / (sum(x.size for x in floats) * _axis_size(axis_name))
+
+
+def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) -> jax.Array:
+  """The norm of a whole pytree, as a float32 scalar.
+
+  This is the same overflow-safe reduction the transforms use: it accumulates
+  in at least float32 and scales by a power of two when squares would
+  overflow or underflow, so 1000 bfloat16 leaves of norm 1 give 31.62 and
+  float16 leaves of 300 give the right norm. Where the true norm exceeds the
+  float32 range the result is inf. ``None``, integer and ``float0`` leaves do
+  not count.
+
+  Args:
+    tree: a pytree of arrays.
+    norm: ``"l2"``, ``"l1"`` or ``"linf"``.
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``: the norm then covers the whole sharded tree.
+
+  Returns:
+    A float32 scalar.
+
+  Raises:
+    ValueError: if ``norm`` is unknown.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> g = {"w": jnp.full((2,), 300.0, jnp.float16), "step": jnp.array(3)}
+    >>> gc.global_norm(g)
+    Array(424.26407, dtype=float32)
+    >>> gc.global_norm(g, "linf")
+    Array(300., dtype=float32)
+  """
+  if norm not in NORMS:
+    options = ", ".join(repr(c) for c in NORMS)
+    raise ValueError(f"global_norm: norm must be one of {options}, got {norm!r}")
+  floats, _ = split_floats(tree)
+  if not floats:
+    return jnp.zeros((), jnp.float32)
+  red = reduce(floats, scope="global", norms=(norm,), axis_name=axis_name)
+  return getattr(red, norm).to_float32()[0]

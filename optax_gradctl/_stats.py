@@ -1,0 +1,121 @@
+"""State types of the transforms, and :func:`stats` to read them back."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import keystr
+
+_NAMES: dict[type, str] = {}
+
+
+def register(name: str):
+  """Class decorator: makes a state type visible to :func:`stats` as ``name``."""
+
+  def wrap(cls: type) -> type:
+    _NAMES[cls] = name
+    return cls
+
+  return wrap
+
+
+def zeros() -> jax.Array:
+  """The initial value of every statistic: a float32 zero scalar."""
+  return jnp.zeros((), jnp.float32)
+
+
+@register("clip_by_value")
+class ClipByValueState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_value`."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
+  clipped_fraction: jax.Array  # float32 (): fraction of elements clamped
+
+
+@register("clip_by_norm")
+class ClipByNormState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_norm`."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
+  clipped_fraction: jax.Array  # float32 (): fraction of scopes rescaled
+
+
+@register("clip_by_global_norm")
+class ClipByGlobalNormState(ClipByNormState):
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_global_norm`."""
+
+
+@register("unit_rescale")
+class UnitRescaleState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.unit_rescale`."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
+
+
+@register("zscore")
+class ZScoreState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.zscore`, global scope."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
+  mean: jax.Array  # float32 (): mean of all gradient elements
+  std: jax.Array  # float32 (): their standard deviation (with ``ddof``)
+
+
+@register("zscore")
+class ZScoreLeafState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.zscore`, leaf scope."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
+
+
+def _is_state(x: Any) -> bool:
+  return type(x) in _NAMES
+
+
+def _value(x: Any) -> jax.Array:
+  # flax.nnx.Optimizer wraps every state array in a Variable.
+  if not isinstance(x, (jax.Array, np.ndarray)) and hasattr(x, "value"):
+    x = x.value
+  return jnp.asarray(x)
+
+
+def stats(opt_state: Any) -> dict[str, jax.Array]:
+  """The statistics every gradctl transform records, read from any optimizer state.
+
+  The state may be a single transform's state or any tree that holds one:
+  ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+  ``optax.apply_if_finite``, ``optax.masked``, a ``flax.nnx.Optimizer``'s
+  ``opt_state`` or a linen ``TrainState``.
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    A flat ``dict``. Each key is the path of a transform's state in
+    ``opt_state``, the transform's name and the statistic, joined by ``/``
+    (for instance ``"0/clip_by_global_norm/norm"`` in a chain); each value is
+    a float32 array (a scalar unless the state was batched, e.g. by ``vmap``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import optax_gradctl as gc
+    >>> tx = optax.chain(gc.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> _, state = tx.update(g, tx.init(g))
+    >>> {k: float(v) for k, v in gc.stats(state).items()}
+    {'0/clip_by_global_norm/norm': 5.0, '0/clip_by_global_norm/clipped_fraction': 1.0}
+  """
+  found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_state)
+  out: dict[str, jax.Array] = {}
+  for path, node in found:
+    if not _is_state(node):
+      continue
+    prefix = keystr(path, simple=True, separator="/")
+    name = _NAMES[type(node)]
+    base = f"{prefix}/{name}" if prefix else name
+    for field, value in zip(node._fields, node, strict=True):
+      out[f"{base}/{field}"] = _value(value)
+  return out

@@ -1,0 +1,260 @@
+"""clip_by_value, clip_by_norm and clip_by_global_norm against float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optax_gradctl as gc
+from optax_gradctl import _reduce
+
+from . import reference as ref
+from .strategies import gradient_trees
+
+RTOL = {jnp.dtype(jnp.float16): 2e-3, jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float32): 1e-5}
+
+
+def run(tx, tree):
+  return jax.jit(tx.update)(tree, tx.init(tree))
+
+
+def assert_matches(out_tree, want_leaves):
+  """Each output leaf keeps its dtype and matches the float64 reference, and is never
+  flushed to zero where the reference is a normal number of its dtype."""
+  for got, want in zip(jax.tree.leaves(out_tree), want_leaves, strict=True):
+    tiny = float(jnp.finfo(got.dtype).tiny)
+    g = ref.f64(got)
+    assert g.shape == want.shape
+    np.testing.assert_array_less(np.abs(g - want), RTOL[got.dtype] * np.abs(want) + 2 * tiny)
+    assert np.all(g[np.abs(want) > 2 * tiny] != 0), "an element was flushed to zero"
+
+
+@given(
+  tree=gradient_trees(),
+  ord=st.sampled_from(_reduce.NORMS),
+  scope=st.sampled_from(_reduce.SCOPES),
+  log_max=st.floats(-3, 3),
+)
+def test_clip_by_norm_matches_reference(tree, ord, scope, log_max):
+  max_norm = 10.0**log_max
+  out, state = run(gc.clip_by_norm(max_norm, norm=ord, scope=scope), tree)
+  leaves = [ref.f64(x) for x in jax.tree.leaves(tree)]
+  assert_matches(out, ref.clip_by_norm(leaves, max_norm, ord, scope))
+  norms = ref.norms(leaves, ord, scope)
+  want_fraction = np.mean([n > max_norm for n, _ in norms])
+  np.testing.assert_allclose(float(state.clipped_fraction), want_fraction)
+  want_norm = ref.global_l2(leaves)
+  if want_norm < 3e38:
+    np.testing.assert_allclose(float(state.norm), want_norm, rtol=2e-6)
+
+
+@given(tree=gradient_trees(same_magnitude=True))
+def test_unclipped_gradient_is_bitwise_unchanged(tree):
+  big = 2 * ref.global_l2([ref.f64(x) for x in jax.tree.leaves(tree)])
+  big = min(big, 3e38)
+  out, state = run(gc.clip_by_global_norm(big), tree)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(
+      np.asarray(a.view(jnp.uint16 if a.itemsize == 2 else jnp.uint32)),
+      np.asarray(b.view(jnp.uint16 if b.itemsize == 2 else jnp.uint32)),
+    )
+  assert float(state.clipped_fraction) == 0.0
+
+
+@pytest.mark.parametrize(
+  "dtype,value",
+  [
+    (jnp.float16, 300.0),
+    (jnp.float16, 6e4),
+    (jnp.float32, 1e20),
+    (jnp.float32, 3e38),
+    (jnp.bfloat16, 3e38),
+    (jnp.float32, 1e-30),
+  ],
+)
+def test_where_optax_zeroes_we_clip(dtype, value):
+  g = {"a": jnp.full((1000,), value, dtype), "b": jnp.full((10,), -value, dtype)}
+  out, _ = run(gc.clip_by_global_norm(1.0), g)
+  leaves = [ref.f64(x) for x in jax.tree.leaves(g)]
+  assert_matches(out, ref.clip_by_norm(leaves, 1.0))
+  np.testing.assert_allclose(
+    ref.global_l2([ref.f64(x) for x in jax.tree.leaves(out)]),
+    min(1.0, ref.global_l2(leaves)),
+    rtol=RTOL[jnp.dtype(dtype)],
+  )
+
+
+def test_optax_fails_where_we_do_not():
+  """The failures this package exists to fix, as a user meets them in optax."""
+  g16 = jnp.full((4,), 300.0, jnp.float16)
+  zeroed, _ = optax.clip_by_global_norm(1.0).update(g16, optax.EmptyState())
+  assert not np.any(np.asarray(zeroed))
+  ours, _ = gc.clip_by_global_norm(1.0).update(g16, gc.clip_by_global_norm(1.0).init(g16))
+  np.testing.assert_allclose(np.asarray(ours, np.float64), 0.5, rtol=1e-3)
+
+
+def test_max_norm_zero_zeroes_without_nan():
+  g = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([1e30], jnp.float32)}
+  out, state = run(gc.clip_by_global_norm(0.0), g)
+  for x in jax.tree.leaves(out):
+    assert np.all(np.asarray(x) == 0)
+  assert float(state.clipped_fraction) == 1.0
+
+
+def test_max_norm_inf_never_clips():
+  g = jnp.array([1e30, -1e30])
+  out, state = run(gc.clip_by_global_norm(np.inf), g)
+  np.testing.assert_array_equal(out, g)
+  assert float(state.clipped_fraction) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: gc.clip_by_global_norm(1.0),
+    lambda: gc.clip_by_norm(1.0, norm="l1", scope="leaf"),
+    lambda: gc.clip_by_norm(1.0, norm="linf"),
+  ],
+)
+def test_non_finite_input_is_not_finite_output(make, bad):
+  tx = make()
+  g = {"a": jnp.array([1.0, bad]), "b": jnp.array([2.0, 3.0])}
+  out, state = run(tx, g)
+  assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(out))
+  assert not np.isfinite(state.norm)
+  # so apply_if_finite skips the step
+  safe = optax.apply_if_finite(optax.chain(make(), optax.sgd(1.0)), max_consecutive_errors=5)
+  updates, s = safe.update(g, safe.init(g))
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(updates))
+  assert int(s.notfinite_count) == 1
+
+
+def test_leaf_scope_clips_each_leaf():
+  g = {
+    "a": jnp.array([3.0, 4.0]),
+    "b": jnp.array([0.3, 0.4]),
+    "c": jnp.array([30.0, 40.0], jnp.float16),
+  }
+  out, state = run(gc.clip_by_norm(1.0, scope="leaf"), g)
+  np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
+  np.testing.assert_array_equal(out["b"], g["b"])
+  np.testing.assert_allclose(np.asarray(out["c"], np.float32), [0.6, 0.8], rtol=1e-3)
+  assert out["c"].dtype == jnp.float16
+  np.testing.assert_allclose(float(state.clipped_fraction), 2 / 3)
+
+
+# ----------------------------------------------------------------------------- clip_by_value
+
+
+@jax.jit
+def _clip_by_value(tree, lo, hi):
+  # bounds traced, so that each tree structure compiles once
+  tx = gc.clip_by_value(hi, lo)
+  return tx.update(tree, tx.init(tree))
+
+
+@given(
+  tree=gradient_trees(),
+  lo=st.floats(-1e3, 1e3),
+  width=st.one_of(st.just(0.0), st.floats(1e-6, 1e3)),
+)
+def test_clip_by_value_matches_reference(tree, lo, width):
+  hi = lo + width
+  out, state = _clip_by_value(tree, jnp.float32(lo), jnp.float32(hi))
+  lo, hi = float(np.float32(lo)), float(np.float32(hi))
+  leaves = [ref.f64(x) for x in jax.tree.leaves(tree)]
+  for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
+    assert got.dtype == x.dtype and got.shape == x.shape
+    # clamping in float32 and casting back equals clamping to the bounds rounded to the dtype
+    want = np.clip(ref.f64(x), ref.f64(jnp.asarray(lo, x.dtype)), ref.f64(jnp.asarray(hi, x.dtype)))
+    np.testing.assert_array_equal(ref.f64(got), want)
+  flat = np.concatenate([x.ravel() for x in leaves])
+  np.testing.assert_allclose(
+    float(state.clipped_fraction), np.mean((flat > hi) | (flat < lo)), rtol=1e-6
+  )
+
+
+def test_clip_by_value_seed_example():
+  out, state = run(gc.clip_by_value(1.0), jnp.array([0.7, 1.1, 3.4]))
+  np.testing.assert_allclose(out, [0.7, 1.0, 1.0])
+  np.testing.assert_allclose(float(state.clipped_fraction), 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(float(state.norm), np.linalg.norm([0.7, 1.1, 3.4]), rtol=1e-6)
+
+
+def test_clip_by_value_negative_band_and_specials():
+  g = jnp.array([-5.0, -2.5, 0.0, np.nan, np.inf, -np.inf])
+  out, state = run(gc.clip_by_value(-2.0, -3.0), g)
+  np.testing.assert_array_equal(out, [-3.0, -2.5, -2.0, np.nan, -2.0, -3.0])
+  np.testing.assert_allclose(float(state.clipped_fraction), 4 / 6, rtol=1e-6)
+
+
+def test_clip_by_value_default_is_symmetric():
+  out, _ = run(gc.clip_by_value(2.0), jnp.array([-5.0, 5.0, 1.0], jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), [-2.0, 2.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+  "make,match",
+  [
+    (lambda: gc.clip_by_value(-1.0), r"max_value.*-1\.0"),
+    (lambda: gc.clip_by_value(np.nan), r"max_value.*nan"),
+    (lambda: gc.clip_by_value(1.0, np.nan), r"min_value.*nan"),
+    (lambda: gc.clip_by_value(1.0, 2.0), r"min_value.*2\.0.*max_value.*1\.0"),
+    (lambda: gc.clip_by_norm(-1.0), r"max_norm.*-1\.0"),
+    (lambda: gc.clip_by_norm(float("nan")), r"max_norm.*nan"),
+    (lambda: gc.clip_by_norm(jnp.array(-2.0)), r"max_norm.*-2"),
+    (lambda: gc.clip_by_norm(1.0, norm="l3"), r"norm.*'l3'"),
+    (lambda: gc.clip_by_norm(1.0, scope="layer"), r"scope.*'layer'"),
+    (lambda: gc.clip_by_global_norm(-0.5), r"clip_by_global_norm: max_norm.*-0\.5"),
+    (lambda: gc.clip_by_global_norm(np.ones(3)), r"max_norm.*shape"),
+  ],
+)
+def test_bad_hyperparameters_raise_naming_argument_and_value(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_traced_max_norm_follows_a_schedule_under_jit():
+  schedule = optax.linear_schedule(4.0, 1.0, transition_steps=3)
+  tx = optax.inject_hyperparams(gc.clip_by_global_norm)(max_norm=schedule)
+  g = {"w": jnp.array([3.0, 4.0])}
+  state = tx.init(g)
+  step = jax.jit(tx.update)
+  for want in [4.0, 3.0, 2.0, 1.0]:
+    out, state = step(g, state)
+    np.testing.assert_allclose(ref.global_l2([np.asarray(out["w"], np.float64)]), want, rtol=1e-6)
+
+
+def test_traced_clip_value_bounds():
+  tx = optax.inject_hyperparams(gc.clip_by_value)(max_value=optax.linear_schedule(3.0, 1.0, 2))
+  g = jnp.array([-5.0, 5.0])
+  state = tx.init(g)
+  out, state = jax.jit(tx.update)(g, state)
+  np.testing.assert_array_equal(out, [-3.0, 3.0])
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: gc.clip_by_global_norm(1.0),
+    lambda: gc.clip_by_norm(1.0, scope="leaf", norm="l1"),
+    lambda: gc.clip_by_value(1.0),
+  ],
+)
+def test_gradient_through_update_is_finite_at_zero(make):
+  tx = make()
+  g = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2))}
+  state = tx.init(g)
+  out, _ = tx.update(g, state)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
+  grad = jax.grad(lambda t: sum(jnp.sum(x) for x in jax.tree.leaves(tx.update(t, state)[0])))(g)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(grad))

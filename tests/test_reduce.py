@@ -1,0 +1,141 @@
+"""The shared reduction: leaf filtering, overflow-safe norms, float32 accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optax_gradctl as gc
+from optax_gradctl import _reduce
+
+from . import reference as ref
+from .strategies import gradient_trees
+
+
+def _ref_norm(tree, ord):
+  leaves = [ref.f64(x) for x in jax.tree.leaves(tree)]
+  return ref.vector_norm(np.concatenate([x.ravel() for x in leaves]), ord)
+
+
+def _assert_norm(got, want):
+  assert got.dtype == jnp.float32 and got.shape == ()
+  if want > float(np.finfo(np.float32).max):
+    assert got == np.inf
+  else:
+    np.testing.assert_allclose(float(got), want, rtol=2e-6)
+
+
+@given(tree=gradient_trees(), ord=st.sampled_from(_reduce.NORMS))
+def test_global_norm_matches_float64_reference(tree, ord):
+  _assert_norm(jax.jit(gc.global_norm, static_argnums=1)(tree, ord), _ref_norm(tree, ord))
+
+
+@pytest.mark.parametrize("ord", _reduce.NORMS)
+@pytest.mark.parametrize(
+  "dtype,value",
+  [
+    (jnp.float16, 300.0),  # squares overflow float16
+    (jnp.float16, 6e4),
+    (jnp.float16, 1e-4),
+    (jnp.bfloat16, 1e30),  # squares overflow float32
+    (jnp.bfloat16, 1e-30),  # squares underflow float32
+    (jnp.float32, 1e20),
+    (jnp.float32, 3e38),
+    (jnp.float32, 1e-30),
+  ],
+)
+def test_global_norm_at_the_ends_of_the_range(dtype, value, ord):
+  tree = {"a": jnp.full((3, 5), value, dtype), "b": jnp.full((7,), -value, dtype)}
+  _assert_norm(gc.global_norm(tree, ord), _ref_norm(tree, ord))
+
+
+def test_many_bfloat16_leaves_accumulate_in_float32():
+  tree = [jnp.ones((1,), jnp.bfloat16) for _ in range(1000)]
+  np.testing.assert_allclose(float(gc.global_norm(tree)), np.sqrt(1000), rtol=1e-6)
+  # optax accumulates in bfloat16 and stalls at 16
+  assert float(optax.tree.norm(tree)) < 20
+
+
+def test_large_sum_is_accurate():
+  x = np.random.default_rng(0).standard_normal(2_000_000).astype(np.float32) + 3
+  np.testing.assert_allclose(
+    float(gc.global_norm(jnp.asarray(x))), ref.vector_norm(x, "l2"), rtol=1e-6
+  )
+
+
+def test_norm_beyond_float32_is_inf():
+  assert gc.global_norm(jnp.full((100,), 1e38, jnp.float32)) == np.inf
+
+
+def test_float64_leaves_accumulate_in_float64():
+  with jax.enable_x64(True):
+    x = jnp.full((4,), 1e200, jnp.float64)
+    assert gc.global_norm(x).dtype == jnp.float32
+    assert gc.global_norm(x) == np.inf
+    y = jnp.asarray([1.0, 1e-9, 1e-9], jnp.float64)
+    # 1 + 2e-18 is 1 in float32 and float64 alike; the point is the float64 path runs
+    np.testing.assert_allclose(float(gc.global_norm(y)), 1.0)
+    z = jnp.full((4,), 1e-160, jnp.float64)  # squares underflow float64
+    red = _reduce.reduce([z], norms=("l2",))
+    np.testing.assert_allclose(float(red.l2.m[0]) * 2.0 ** int(red.l2.e[0]), 2e-160, rtol=1e-12)
+
+
+def test_non_float_leaves_do_not_count():
+  tree = {
+    "w": jnp.array([3.0, 4.0]),
+    "none": None,
+    "step": jnp.array([100, 100]),
+    "tangent": np.zeros((2,), jax.dtypes.float0),
+    "py": 7,
+  }
+  assert float(gc.global_norm(tree)) == 5.0
+
+
+def test_empty_tree_has_norm_zero():
+  assert float(gc.global_norm({})) == 0.0
+  assert float(gc.global_norm({"step": jnp.array(3)})) == 0.0
+
+
+def test_nan_and_inf_propagate():
+  assert np.isnan(gc.global_norm(jnp.array([1.0, np.nan])))
+  assert gc.global_norm(jnp.array([1.0, np.inf])) == np.inf
+  assert gc.global_norm(jnp.array([1.0, -np.inf]), "linf") == np.inf
+
+
+def test_unknown_norm_raises():
+  with pytest.raises(ValueError, match=r"norm.*'l3'"):
+    gc.global_norm(jnp.ones(3), "l3")
+
+
+def test_complex_leaves_are_refused():
+  with pytest.raises(TypeError, match="complex"):
+    gc.global_norm(jnp.ones(3, jnp.complex64))
+
+
+def test_common_case_reads_each_leaf_once():
+  """Outside the rarely taken rescaling branch there is one reduction per leaf."""
+  tree = [jnp.ones((4,)), jnp.ones((5,)), jnp.ones((6,))]
+  jaxpr = jax.make_jaxpr(gc.global_norm)(tree).jaxpr
+  top = [e.primitive.name for e in jaxpr.eqns]
+  leaf_shapes = {x.shape for x in tree}
+  reads = [
+    e
+    for e in jaxpr.eqns
+    if e.primitive.name.startswith("reduce") and e.invars[0].aval.shape in leaf_shapes
+  ]
+  assert len(reads) == 3
+  assert "cond" in top
+
+
+def test_pow2_helpers_are_exact():
+  k = jnp.arange(-126, 128)
+  np.testing.assert_array_equal(
+    np.asarray(_reduce.exp2(k, np.dtype(np.float32))), 2.0 ** np.arange(-126, 128)
+  )
+  a, b = _reduce.split_exp2(jnp.array([-250, 250]), np.dtype(np.float32))
+  np.testing.assert_array_equal(
+    np.log2(np.asarray(a, np.float64)) + np.log2(np.asarray(b, np.float64)), [-250, 250]
+  )
