@@ -77,8 +77,9 @@ def _is_state(x: Any) -> bool:
 
 def _value(x: Any) -> jax.Array:
   # flax.nnx.Optimizer wraps every state array in a Variable.
-  if not isinstance(x, (jax.Array, np.ndarray)) and hasattr(x, "value"):
-    x = x.value
+  if not isinstance(x, (jax.Array, np.ndarray)):
+    get = getattr(x, "get_value", None)
+    x = get() if callable(get) else getattr(x, "value", x)
   return jnp.asarray(x)
 
 

@@ -1,0 +1,231 @@
+"""One invariant suite over every public transform: jit, dtypes, state, composition."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import optax_gradctl as gc
+
+from .transforms import CASES
+
+NAMES = sorted(CASES)
+OPTIMIZERS = {
+  "sgd": lambda: optax.sgd(0.1, momentum=0.9),
+  "adam": lambda: optax.adam(1e-2),
+  "adamw": lambda: optax.adamw(1e-2),
+  "lion": lambda: optax.lion(1e-3),
+  "lamb": lambda: optax.lamb(1e-2),
+  "adafactor": lambda: optax.adafactor(1e-2),
+  "rmsprop": lambda: optax.rmsprop(1e-2),
+  "adagrad": lambda: optax.adagrad(1e-2),
+  "nadam": lambda: optax.nadam(1e-2),
+}
+
+
+def grads(seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {
+    "w": jnp.asarray(rng.standard_normal((4, 3)) * scale, jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((3,)) * scale, jnp.float32),
+    "h": {"k": jnp.asarray(rng.standard_normal((2, 5)) * scale, jnp.float32)},
+  }
+
+
+def mixed_tree():
+  rng = np.random.default_rng(1)
+  return {
+    "f32": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+    "f16": jnp.asarray(rng.standard_normal((5,)), jnp.float16),
+    "bf16": jnp.asarray(rng.standard_normal((2, 2)), jnp.bfloat16),
+    "int": jnp.arange(3),
+    "none": None,
+    "float0": np.zeros((2,), jax.dtypes.float0),
+  }
+
+
+def close(a, b, rtol=1e-6, atol=1e-7):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(
+      np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
+    )
+
+
+def same_structure(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert jnp.shape(x) == jnp.shape(y) and jnp.result_type(x) == jnp.result_type(y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager(name):
+  tx = CASES[name].make()
+  g = grads()
+  eager = tx.update(g, tx.init(g))
+  jitted = jax.jit(tx.update)(g, tx.init(g))
+  close(eager, jitted)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dtypes_shapes_and_non_float_leaves_preserved(name):
+  tx = CASES[name].make()
+  g = mixed_tree()
+  out, _ = jax.jit(tx.update)(g, tx.init(g))
+  assert out["none"] is None
+  assert out["float0"].dtype == jax.dtypes.float0
+  np.testing.assert_array_equal(out["int"], g["int"])
+  for key in ("f32", "f16", "bf16"):
+    assert out[key].dtype == g[key].dtype and out[key].shape == g[key].shape
+    assert np.all(np.isfinite(np.asarray(out[key], np.float32)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_state_is_fixed_and_scannable(name, dtype):
+  tx = CASES[name].make()
+  g = jax.tree.map(lambda x: x.astype(dtype), grads())
+  state0 = tx.init(g)
+  for leaf in jax.tree.leaves(state0):
+    assert leaf.dtype == jnp.float32 and float(leaf) == 0.0
+  _, state1 = tx.update(g, state0)
+  same_structure(state0, state1)
+
+  def body(state, i):
+    u, state = tx.update(jax.tree.map(lambda x: x * (i + 1).astype(dtype), g), state)
+    return state, gc.global_norm(u)
+
+  state, norms = jax.lax.scan(body, state0, jnp.arange(3))
+  same_structure(state0, state)
+  assert norms.shape == (3,)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams(name):
+  case = CASES[name]
+  tx = optax.inject_hyperparams(case.factory)(**case.kwargs)
+  g = grads()
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  close(out, case.make().update(g, case.make().init(g))[0])
+  assert any(k.startswith("inner_state/") for k in gc.stats(state))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked(name):
+  case = CASES[name]
+  g = grads()
+  mask = {"w": True, "b": False, "h": {"k": True}}
+  tx = optax.masked(case.make(), mask)
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  np.testing.assert_array_equal(out["b"], g["b"])
+  sub = {"w": g["w"], "h": g["h"]}
+  want, _ = case.make().update(sub, case.make().init(sub))
+  close({"w": out["w"], "h": out["h"]}, want)
+  assert gc.stats(state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multisteps(name):
+  tx = optax.MultiSteps(optax.chain(CASES[name].make(), optax.sgd(0.1)), every_k_schedule=2)
+  g = grads()
+  state = tx.init(g)
+  step = jax.jit(tx.update)
+  u1, state = step(g, state)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u1))
+  u2, state = step(grads(seed=2), state)
+  # the inner step sees the mean of the two gradients
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g, grads(seed=2))
+  inner = optax.chain(CASES[name].make(), optax.sgd(0.1))
+  want, _ = inner.update(mean, inner.init(mean))
+  close(u2, want, rtol=1e-5, atol=1e-6)
+  assert any(k.startswith("inner_opt_state/") for k in gc.stats(state))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_if_finite(name):
+  tx = optax.apply_if_finite(
+    optax.chain(CASES[name].make(), optax.sgd(0.1)), max_consecutive_errors=3
+  )
+  g = grads()
+  state = tx.init(g)
+  u, state = jax.jit(tx.update)(g, state)
+  assert int(state.notfinite_count) == 0
+  assert not all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+  bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), g)
+  u, state = jax.jit(tx.update)(bad, state)
+  assert int(state.notfinite_count) == 1
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", NAMES)
+def test_chain_equals_sequential(name, opt):
+  params = grads(seed=5)
+  chained = optax.chain(CASES[name].make(), OPTIMIZERS[opt]())
+  first, second = CASES[name].make(), OPTIMIZERS[opt]()
+  cs = chained.init(params)
+  s1, s2 = first.init(params), second.init(params)
+  step = jax.jit(chained.update)
+  for seed in range(2):
+    g = grads(seed=seed, scale=3.0)
+    u, cs = step(g, cs, params)
+    v, s1 = first.update(g, s1, params)
+    v, s2 = second.update(v, s2, params)
+    close(u, v, rtol=2e-5, atol=1e-6)
+    params = optax.apply_updates(params, u)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_tree_is_a_no_op(name):
+  tx = CASES[name].make()
+  out, state = jax.jit(tx.update)({}, tx.init({}))
+  assert out == {}
+  assert all(float(x) == 0 for x in jax.tree.leaves(state))
+  out, _ = tx.update({"step": jnp.array(1)}, tx.init({}))
+  assert int(out["step"]) == 1
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(3, 8, rngs=rngs)
+    self.l2 = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flax_nnx_optimizer(name):
+  model = _MLP(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.chain(CASES[name].make(), optax.adam(1e-2)), wrt=nnx.Param)
+  x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+
+  @nnx.jit
+  def step(model, opt):
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    opt.update(model, g)
+    return loss
+
+  before = model.l1.kernel[...].copy()
+  step(model, opt)
+  assert not np.allclose(before, model.l1.kernel[...])
+  stats = gc.stats(opt.opt_state)
+  norms = [v for k, v in stats.items() if k.endswith("/norm")]
+  assert len(norms) == 1 and float(norms[0]) > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_linen_train_state(name):
+  model = nn.Dense(2)
+  params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  state = train_state.TrainState.create(
+    apply_fn=model.apply, params=params, tx=optax.chain(CASES[name].make(), optax.sgd(0.1))
+  )
+  g = jax.grad(lambda p: jnp.sum(model.apply(p, jnp.ones((2, 3))) ** 2))(params)
+  state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, g)
+  stats = gc.stats(state.opt_state)
+  key = next(k for k in stats if k.endswith("/norm"))
+  np.testing.assert_allclose(float(stats[key]), float(optax.tree.norm(g)), rtol=1e-6)
