@@ -1,0 +1,84 @@
+"""The main example: its data generator, and a --quick run end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import lstm_adding  # noqa: E402
+
+
+@pytest.mark.parametrize("seq_len", [2, 7, 50])
+def test_adding_batch_has_two_markers_and_their_sum(seq_len):
+  inputs, targets = lstm_adding.adding_batch(jax.random.key(seq_len), 256, seq_len)
+  inputs, targets = np.asarray(inputs), np.asarray(targets)
+  assert inputs.shape == (256, seq_len, 2) and targets.shape == (256,)
+  values, markers = inputs[..., 0], inputs[..., 1]
+  assert set(np.unique(markers)) <= {0.0, 1.0}
+  np.testing.assert_array_equal(markers.sum(axis=1), 2)
+  half = seq_len // 2
+  np.testing.assert_array_equal(markers[:, :half].sum(axis=1), 1)
+  np.testing.assert_array_equal(markers[:, half:].sum(axis=1), 1)
+  np.testing.assert_allclose(targets, (values * markers).sum(axis=1), rtol=1e-6)
+  assert np.all((values >= 0) & (values < 1))
+
+
+def test_predicting_one_gives_the_baseline_mse():
+  _, targets = lstm_adding.adding_batch(jax.random.key(0), 200_000, 10)
+  np.testing.assert_allclose(
+    np.mean((np.asarray(targets) - 1.0) ** 2), lstm_adding.BASELINE_MSE, rtol=0.02
+  )
+
+
+def test_layer_groups_cover_both_cells():
+  from flax import nnx
+
+  for cell in ("lstm", "rnn"):
+    cfg = lstm_adding.parse_args(["--cell", cell, "--hidden", "4"])
+    params = nnx.state(lstm_adding.Regressor(cfg, nnx.Rngs(0)), nnx.Param)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    groups = {lstm_adding.layer_group(p) for p, _ in flat}
+    assert groups == set(lstm_adding.GROUPS)
+
+
+def test_bad_arguments_are_refused():
+  with pytest.raises(SystemExit):
+    lstm_adding.parse_args(["--steps", "0"])
+  with pytest.raises(SystemExit):
+    lstm_adding.parse_args(["--controls", "magic"])
+
+
+def test_quick_run_writes_its_artefacts(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / "lstm_adding.py"), "--quick", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| control |" in proc.stdout and "wall time" in proc.stdout
+  for name in ("lstm_adding.png", "lstm_adding_groups.png"):
+    png = tmp_path / name
+    assert png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert set(metrics) >= {"config", "groups", "runs", "wall_seconds"}
+  assert set(metrics["runs"]) == set(lstm_adding.CONTROLS)
+  for name in ("clip_by_global_norm", "clip_by_value"):
+    run = metrics["runs"][name]
+    assert set(run) >= {"loss", "grad_norm", "group_norms", "eval_mse", "summary"}
+    loss = np.asarray(run["loss"], float)
+    assert loss.shape == (2, 200) and np.all(np.isfinite(loss))
+    assert np.all(np.isfinite(np.asarray(run["grad_norm"], float)))
+    assert np.all(np.isfinite(np.asarray(run["group_norms"], float)))
+    assert run["summary"]["first_nonfinite_step"] is None
+  summary = (tmp_path / "summary.md").read_text()
+  for name in lstm_adding.CONTROLS:
+    assert f"| {name} |" in summary
