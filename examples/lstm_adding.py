@@ -226,16 +226,17 @@ def train(control: str, cfg: argparse.Namespace, prepared: tuple[Any, Any]) -> d
   for b in range(n_blocks):
     lo, hi = b * cfg.block, (b + 1) * cfg.block
     start = jnp.full((cfg.seeds,), lo, jnp.int32)
-    state, (l, n, g), mse = run_block(state, data_keys, eval_keys, start)
-    l, n, g, mse = np.asarray(l), np.asarray(n), np.asarray(g), np.asarray(mse)
+    state, curves, mse = run_block(state, data_keys, eval_keys, start)
+    b_loss, b_norm, b_groups = (np.asarray(c) for c in curves)
+    mse = np.asarray(mse)
     for s in range(cfg.seeds):
       if first_nonfinite[s] is not None:
         continue
-      bad = ~(np.isfinite(l[s]) & np.isfinite(n[s]))
+      bad = ~(np.isfinite(b_loss[s]) & np.isfinite(b_norm[s]))
       stop = int(np.argmax(bad)) if bad.any() else cfg.block
-      loss[s, lo : lo + stop] = l[s, :stop]
-      norm[s, lo : lo + stop] = n[s, :stop]
-      groups[s, lo : lo + stop] = g[s, :stop]
+      loss[s, lo : lo + stop] = b_loss[s, :stop]
+      norm[s, lo : lo + stop] = b_norm[s, :stop]
+      groups[s, lo : lo + stop] = b_groups[s, :stop]
       if bad.any() or not np.isfinite(mse[s]):
         first_nonfinite[s] = lo + stop
     eval_steps.append(hi)
@@ -243,8 +244,8 @@ def train(control: str, cfg: argparse.Namespace, prepared: tuple[Any, Any]) -> d
     live = [s for s in range(cfg.seeds) if first_nonfinite[s] is None]
     bar.update(cfg.block)
     bar.set_postfix(
-      loss=f"{np.median(l[live, -1]):.4f}" if live else "diverged",
-      grad_norm=f"{np.median(n[live, -1]):.3g}" if live else "nan",
+      loss=f"{np.median(b_loss[live, -1]):.4f}" if live else "diverged",
+      grad_norm=f"{np.median(b_norm[live, -1]):.3g}" if live else "nan",
       live=f"{len(live)}/{cfg.seeds}",
     )
     if not live:
