@@ -238,9 +238,40 @@ def _max(x: jax.Array) -> jax.Array:
   return jnp.max(x, initial=-jnp.inf)
 
 
-def _scaled_leaf(x: jax.Array, k: jax.Array) -> jax.Array:
-  """``x * 2**k`` for ``2**k`` a normal number: one scalar factor, fused into the reduction."""
-  return x * exp2(k, x.dtype)
+def _max_over(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+  return jnp.max(x, axis=axis, initial=-jnp.inf)
+
+
+def _leafwise(
+  leaves: Sequence[jax.Array],
+  reducers: dict[str, tuple[Callable, Callable]],
+  *,
+  scale: Sequence[jax.Array] | None = None,
+  shift: Sequence[jax.Array] | None = None,
+) -> dict[str, list[jax.Array]]:
+  """Per-leaf reductions ``red(fn(x * scale, shift))`` for each ``(fn, red)``.
+
+  Used only by the rarely taken rescaling branch, which trades the copy of a
+  stack for a small program: leaves of one shape and dtype are stacked along
+  a new axis (which keeps each leaf's sharding) and reduced by one kernel,
+  instead of one kernel per leaf.
+  """
+  groups: dict[tuple, list[int]] = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault((x.shape, x.dtype), []).append(i)
+  out: dict[str, list[Any]] = {name: [None] * len(leaves) for name in reducers}
+  for idx in groups.values():
+    y = jnp.stack([leaves[i] for i in idx])
+    column = (len(idx),) + (1,) * (y.ndim - 1)
+    if scale is not None:
+      y = y * jnp.stack([scale[i] for i in idx]).reshape(column)
+    a = 0.0 if shift is None else jnp.stack([shift[i] for i in idx]).reshape(column)
+    axes = tuple(range(1, y.ndim))
+    for name, (fn, red) in reducers.items():
+      values = red(fn(y, a), axis=axes)
+      for j, i in enumerate(idx):
+        out[name][i] = values[j]
+  return out
 
 
 def reduce(
@@ -346,22 +377,21 @@ def reduce(
     # The failed fast sums tell which way to scale, by one power of two.
     big, small = _RESCALE[acc]
     e = jnp.where(jnp.isfinite(sumsq), jnp.where(trusted, 0, -small), big).astype(jnp.int32)
-    owner = scope_of(leaves, scope)
-    scaled = [_scaled_leaf(x, -e[s]) for x, s in zip(leaves, owner, strict=True)]
-    parts = {"sumsq": [_sum(jnp.square(y)) for y in scaled]}
+    scale = [exp2(-e[s], acc) for s in scope_of(leaves, scope)]
+    reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
     if need_abs:
-      parts["sumabs"] = [_sum(jnp.abs(y)) for y in scaled]
-    return parts, e, None
+      reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
+    return _leafwise(leaves, reducers, scale=scale), e, None
 
   def _moments_pass(leaves):
     # One pass for the extremes: they give an exact power-of-two scale per
     # scope, and find constant scopes exactly. A second for the moments,
     # about an anchor near the mean.
     owner = scope_of(leaves, scope)
-    ext = {
-      "hi": _per_scope([_max(x) for x in leaves], scope, jnp.max),
-      "neglo": _per_scope([_max(-x) for x in leaves], scope, jnp.max),
-    }
+    ext = _leafwise(
+      leaves, {"hi": (lambda y, a: y, _max_over), "neglo": (lambda y, a: -y, _max_over)}
+    )
+    ext = {k: _per_scope(v, scope, jnp.max) for k, v in ext.items()}
     ext = _allreduce(ext, lax.pmax, axis_name)
     hi, lo = ext["hi"], -ext["neglo"]
     # Clamped so that 2**-e is a normal number: the largest scaled element
@@ -372,13 +402,13 @@ def reduce(
     fast_mean = fast["sum"] / n_acc
     anchor = jnp.where(jnp.isfinite(fast_mean), fast_mean, hi / 2 + lo / 2)
     anchor = lax.stop_gradient(jnp.where(constant, hi, anchor) * exp2(-e, acc))
-    scaled = [_scaled_leaf(x, -e[s]) for x, s in zip(leaves, owner, strict=True)]
-    dev = [y - anchor[s] for y, s in zip(scaled, owner, strict=True)]
-    parts = {
-      "sumsq": [_sum(jnp.square(y)) for y in scaled],
-      "dsum": [_sum(d) for d in dev],
-      "dsumsq": [_sum(jnp.square(d)) for d in dev],
+    reducers = {
+      "sumsq": (lambda y, a: jnp.square(y), jnp.sum),
+      "dsum": (lambda y, a: y - a, jnp.sum),
+      "dsumsq": (lambda y, a: jnp.square(y - a), jnp.sum),
     }
+    scale = [exp2(-e[s], acc) for s in owner]
+    parts = _leafwise(leaves, reducers, scale=scale, shift=[anchor[s] for s in owner])
     return parts, e, (anchor, constant)
 
   res = lax.cond(ok, fast_branch, slow_branch, list(floats))
