@@ -37,7 +37,7 @@ def clip_by_value(
     An :class:`optax.GradientTransformation` whose state,
     :class:`ClipByValueState`, holds ``norm`` (the global L2 norm of the
     incoming gradient) and ``clipped_fraction`` (the fraction of elements that
-    were clamped).
+    were clamped; NaN, like ``norm``, when the gradient holds NaN).
 
   Raises:
     ValueError: if a bound is NaN, or ``min_value > max_value`` (with

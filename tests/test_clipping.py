@@ -160,7 +160,8 @@ def _clip_by_value(tree, lo, hi):
 
 @given(
   tree=gradient_trees(),
-  lo=st.floats(-1e3, 1e3),
+  # bounds are normal numbers: the CPU flushes subnormals to zero
+  lo=st.floats(-1e3, 1e3).filter(lambda v: v == 0 or abs(v) > 1e-30),
   width=st.one_of(st.just(0.0), st.floats(1e-6, 1e3)),
 )
 def test_clip_by_value_matches_reference(tree, lo, width):
@@ -187,10 +188,24 @@ def test_clip_by_value_seed_example():
 
 
 def test_clip_by_value_negative_band_and_specials():
-  g = jnp.array([-5.0, -2.5, 0.0, np.nan, np.inf, -np.inf])
+  g = jnp.array([-5.0, -2.5, 0.0, np.inf, -np.inf, -2.0, -3.0])
   out, state = run(gc.clip_by_value(-2.0, -3.0), g)
-  np.testing.assert_array_equal(out, [-3.0, -2.5, -2.0, np.nan, -2.0, -3.0])
-  np.testing.assert_allclose(float(state.clipped_fraction), 4 / 6, rtol=1e-6)
+  np.testing.assert_array_equal(out, [-3.0, -2.5, -2.0, -2.0, -3.0, -2.0, -3.0])
+  # the bounds themselves are not clipped
+  np.testing.assert_allclose(float(state.clipped_fraction), 4 / 7, rtol=1e-6)
+  out, state = run(gc.clip_by_value(-2.0, -3.0), jnp.array([np.nan, -5.0]))
+  assert np.isnan(out[0]) and out[1] == -3.0
+  assert np.isnan(state.clipped_fraction) and np.isnan(state.norm)
+
+
+@pytest.mark.parametrize("bound", [1e-30, 1e-3, 1.0, 3e38])
+def test_clipped_fraction_counts_elements_one_ulp_outside(bound):
+  b = np.float32(bound)
+  just_out = np.nextafter(b, np.float32(np.inf))
+  just_in = np.nextafter(b, np.float32(0))
+  g = jnp.asarray([just_out, -just_out, just_in, -just_in, b, -b, 0.0], jnp.float32)
+  _, state = run(gc.clip_by_value(b), g)
+  np.testing.assert_allclose(float(state.clipped_fraction), 2 / 7, rtol=1e-6)
 
 
 def test_clip_by_value_default_is_symmetric():
