@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("GRADCTL_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def pin_to_one_core() -> str:

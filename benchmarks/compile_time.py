@@ -1,0 +1,114 @@
+"""Compile time against the number of leaves, against optax.
+
+Each point compiles ``jax.jit(tx.update)`` for L float32 leaves of 1000
+elements in a fresh subprocess (no cache), and counts the kernels (fusions)
+in the compiled program. A point that takes longer than the timeout is
+reported as "> timeout".
+
+Run: ``python -m benchmarks.compile_time [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from benchmarks import common
+
+CASES = {
+  "clip_by_global_norm": {
+    "gradctl": "gc.clip_by_global_norm(1.0)",
+    "optax": "optax.clip_by_global_norm(1.0)",
+  },
+  "clip_by_value": {"gradctl": "gc.clip_by_value(1.0)", "optax": "optax.clip(1.0)"},
+  "zscore": {"gradctl": "gc.zscore()", "jnp": "JNP_ZSCORE"},
+}
+
+_CHILD = r"""
+import json, sys, time
+import jax, jax.numpy as jnp, optax
+import optax_gradctl as gc
+from benchmarks.throughput import _jnp_zscore
+L = int(sys.argv[1]); expr = sys.argv[2]
+tree = [jax.ShapeDtypeStruct((1000,), jnp.float32) for _ in range(L)]
+if expr == "JNP_ZSCORE":
+  fn = lambda t: _jnp_zscore(t)
+else:
+  tx = eval(expr)
+  fn = lambda t: tx.update(t, tx.init(t))
+t0 = time.perf_counter()
+lowered = jax.jit(fn).lower(tree)
+t1 = time.perf_counter()
+compiled = lowered.compile()
+t2 = time.perf_counter()
+text = compiled.as_text()
+print(json.dumps({"trace_s": t1 - t0, "compile_s": t2 - t1, "fusions": text.count("fusion("), "hlo_lines": text.count("\n")}))
+"""
+
+
+def measure(leaves: int, expr: str, timeout: float) -> dict:
+  try:
+    proc = subprocess.run(
+      [sys.executable, "-c", _CHILD, str(leaves), expr],
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
+  except subprocess.TimeoutExpired:
+    return {"timeout": timeout}
+  if proc.returncode != 0:
+    raise RuntimeError(proc.stderr[-2000:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(point: dict) -> str:
+  if "timeout" in point:
+    return f"> {point['timeout']:.0f} s"
+  return f"{point['trace_s'] + point['compile_s']:.2f} s ({point['fusions']} kernels)"
+
+
+def run(quick: bool) -> dict:
+  leaf_counts = (1, 10, 100) if quick else (1, 10, 100, 1000, 5000)
+  timeout = 60.0 if quick else 200.0
+  rows = []
+  for transform, versions in CASES.items():
+    for leaves in leaf_counts:
+      row = {"transform": transform, "L": leaves}
+      for name, expr in versions.items():
+        row[name] = measure(leaves, expr, timeout)
+      rows.append(row)
+      print(
+        transform, leaves, {k: fmt(v) for k, v in row.items() if isinstance(v, dict)}, flush=True
+      )
+  return {"rows": rows, "timeout_s": timeout}
+
+
+def report(data: dict) -> str:
+  text = (
+    "Trace plus compile time of `jax.jit(tx.update)` over L float32 leaves of 1000 elements,"
+    " each in a fresh process; kernels = fusions in the compiled program.\n\n"
+  )
+  rows = []
+  for r in data["rows"]:
+    other = next(k for k in r if k not in ("transform", "L", "gradctl"))
+    rows.append([r["transform"], r["L"], fmt(r["gradctl"]), f"{other}: {fmt(r[other])}"])
+  return text + common.markdown_table(["transform", "L", "gradctl", "other"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args(argv)
+  pinned = common.pin_to_one_core()
+  data = run(args.quick)
+  data["pinning"] = pinned
+  command = "python -m benchmarks.compile_time " + " ".join(
+    argv if argv is not None else sys.argv[1:]
+  )
+  common.write_results("compile_time", report(data), data, command.strip())
+
+
+if __name__ == "__main__":
+  main()
