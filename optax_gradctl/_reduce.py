@@ -515,12 +515,15 @@ def fraction_outside(
 
   k = jnp.clip(info.nmant + 2 - jnp.minimum(binade(lower), binade(upper)), 0, info.maxexp - 1)
   unit = exp2(k, acc)
+  # With concrete bounds XLA would fold these into constants and then write a
+  # full-size broadcast of them for the reduction kernel; the barrier keeps
+  # them scalars.
   lower, upper, unit = lax.optimization_barrier((lower, upper, unit))
-  counts = []
-  for x in floats:
-    x = x.astype(acc)
-    excess = jnp.maximum(jnp.maximum(x - upper, lower - x), 0)
-    counts.append(jnp.sum(jnp.minimum(excess * unit, 1)))
+
+  def clipped(y, a):
+    return jnp.minimum(jnp.maximum(jnp.maximum(y - upper, lower - y), 0) * unit, 1)
+
+  counts = _leafwise(floats, {"count": (clipped, jnp.sum)}, acc=acc)["count"]
   total = jnp.sum(jnp.stack(counts)).astype(jnp.float32)
   total = _allreduce({"count": total}, lax.psum, axis_name)["count"]
   return total / (sum(x.size for x in floats) * _axis_size(axis_name))

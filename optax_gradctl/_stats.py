@@ -9,14 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import keystr
 
-_NAMES: dict[type, str] = {}
+# state type -> (name in stats keys, the fields that are statistics)
+_REGISTRY: dict[type, tuple[str, tuple[str, ...]]] = {}
 
 
-def register(name: str):
-  """Class decorator: makes a state type visible to :func:`stats` as ``name``."""
+def register(name: str, fields: tuple[str, ...] | None = None):
+  """Class decorator: makes a state type visible to :func:`stats` as ``name``.
+
+  ``fields`` are its statistics (default: all of them). Its other fields are
+  internal, or hold an inner optimizer's state, which :func:`stats` searches
+  in turn.
+  """
 
   def wrap(cls: type) -> type:
-    _NAMES[cls] = name
+    _REGISTRY[cls] = (name, tuple(cls._fields) if fields is None else fields)
     return cls
 
   return wrap
@@ -72,7 +78,7 @@ class ZScoreLeafState(NamedTuple):
 
 
 def _is_state(x: Any) -> bool:
-  return type(x) in _NAMES
+  return type(x) in _REGISTRY
 
 
 def _value(x: Any) -> jax.Array:
@@ -109,14 +115,22 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in gc.stats(state).items()}
     {'0/clip_by_global_norm/norm': 5.0, '0/clip_by_global_norm/clipped_fraction': 1.0}
   """
-  found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_state)
   out: dict[str, jax.Array] = {}
+  _collect(opt_state, (), out)
+  return out
+
+
+def _collect(tree: Any, prefix: tuple, out: dict[str, jax.Array]) -> None:
+  found, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_state)
   for path, node in found:
     if not _is_state(node):
       continue
-    prefix = keystr(path, simple=True, separator="/")
-    name = _NAMES[type(node)]
-    base = f"{prefix}/{name}" if prefix else name
-    for field, value in zip(node._fields, node, strict=True):
-      out[f"{base}/{field}"] = _value(value)
-  return out
+    path = prefix + tuple(path)
+    where = keystr(path, simple=True, separator="/")
+    name, fields = _REGISTRY[type(node)]
+    base = f"{where}/{name}" if where else name
+    for field in fields:
+      out[f"{base}/{field}"] = _value(getattr(node, field))
+    for field in node._fields:
+      if field not in fields:
+        _collect(getattr(node, field), (*path, jax.tree_util.GetAttrKey(field)), out)

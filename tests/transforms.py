@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import optax
+
 import optax_gradctl as gc
 
 
 class Case(NamedTuple):
   factory: Callable[..., Any]
   kwargs: dict[str, Any]
+  static: tuple[str, ...] = ()  # hyperparameters that inject_hyperparams must not trace
 
   def make(self):
     return self.factory(**self.kwargs)
@@ -29,4 +32,7 @@ CASES: dict[str, Case] = {
   "unit_rescale_l1_leaf": Case(gc.unit_rescale, {"norm": "l1", "scope": "leaf"}),
   "zscore": Case(gc.zscore, {}),
   "zscore_leaf_ddof1": Case(gc.zscore, {"scope": "leaf", "ddof": 1}),
+  "zclip": Case(gc.zclip, {"z_threshold": 2.0, "warmup_steps": 1, "max_norm": 3.0}),
+  "autoclip": Case(gc.autoclip, {"percentile": 50.0, "history": 8}, static=("history",)),
+  "skip_on_spike": Case(gc.skip_on_spike, {"inner": optax.identity(), "warmup_steps": 1}),
 }

@@ -1,0 +1,466 @@
+"""Spike-aware adaptive clipping: thresholds from the history of the gradient norm.
+
+All state is a fixed-shape pytree updated without host syncs, so these work
+under ``jit``, ``lax.scan`` and checkpointing like any optax state. A
+non-finite norm never enters the statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from optax_gradctl import _reduce, _stats
+from optax_gradctl._validation import check_choice, check_number, concrete
+
+_EPS = 1e-6  # added to the std in z = (norm - mean) / (std + eps), as in ZClip
+ZCLIP_MODES = ("adaptive", "mean", "percentile")
+
+
+# --------------------------------------------------------------------------- the EMA estimator
+
+
+class _Ema(NamedTuple):
+  """Warm-up accumulators, then an exponential moving mean and variance."""
+
+  count: jax.Array  # int32: finite norms seen, saturating at warmup_steps
+  warm_mean: jax.Array  # float32: running mean of the warm-up norms (Welford)
+  warm_m2: jax.Array  # float32: running sum of squared deviations
+  mean: jax.Array  # float32: EMA mean, once warm
+  var: jax.Array  # float32: EMA variance, once warm
+
+
+def _ema_init() -> _Ema:
+  z = _stats.zeros()
+  return _Ema(jnp.zeros((), jnp.int32), z, z, z, z)
+
+
+def _ema_warm(ema: _Ema, warmup_steps: ArrayLike) -> jax.Array:
+  return ema.count >= jnp.asarray(warmup_steps).astype(jnp.int32)
+
+
+def _ema_z(ema: _Ema, norm: jax.Array) -> jax.Array:
+  """The z-score of ``norm``: +inf for an overflowing norm, NaN for a NaN one."""
+  std = jnp.sqrt(ema.var)
+  return jnp.where(jnp.isinf(norm), jnp.inf, (norm - ema.mean) / (std + _EPS))
+
+
+def _ema_update(ema: _Ema, x: jax.Array, enter: jax.Array, warmup_steps, decay) -> _Ema:
+  """``ema`` with ``x`` entered where ``enter``; bitwise unchanged elsewhere.
+
+  During warm-up ``x`` joins the running mean and population variance; the
+  step that completes the warm-up sets the EMA from them. Afterwards
+  ``mean <- decay*mean + (1-decay)*x``, then
+  ``var <- decay*var + (1-decay)*(x - mean)**2`` with the new mean.
+  """
+  warmup_steps = jnp.asarray(warmup_steps).astype(jnp.int32)
+  decay = jnp.asarray(decay, jnp.float32)
+  x = jnp.where(enter, x, 0.0).astype(jnp.float32)  # keeps NaN out of the unused branch
+  warm = ema.count >= warmup_steps
+  # warm-up: Welford's update
+  count = ema.count + 1
+  delta = x - ema.warm_mean
+  warm_mean = ema.warm_mean + delta / count.astype(jnp.float32)
+  warm_m2 = ema.warm_m2 + delta * (x - warm_mean)
+  done = count >= warmup_steps
+  during = _Ema(
+    count,
+    warm_mean,
+    warm_m2,
+    jnp.where(done, warm_mean, ema.mean),
+    jnp.where(done, warm_m2 / count.astype(jnp.float32), ema.var),
+  )
+  # afterwards: the EMA
+  mean = decay * ema.mean + (1 - decay) * x
+  after = ema._replace(mean=mean, var=decay * ema.var + (1 - decay) * jnp.square(x - mean))
+  new = jax.tree.map(lambda a, b: jnp.where(warm, a, b), after, during)
+  return jax.tree.map(lambda a, b: jnp.where(enter, a, b), new, ema)
+
+
+def _ema_std_now(ema: _Ema, warmup_steps) -> tuple[jax.Array, jax.Array]:
+  """The mean and std to report: the warm-up's so far, then the EMA's."""
+  warm = _ema_warm(ema, warmup_steps)
+  n = jnp.maximum(ema.count, 1).astype(jnp.float32)
+  mean = jnp.where(warm, ema.mean, ema.warm_mean)
+  var = jnp.where(warm, ema.var, ema.warm_m2 / n)
+  return mean, jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+def _check_ema_args(owner: str, z_threshold, decay, warmup_steps) -> None:
+  check_number(owner, "z_threshold", z_threshold, low=0.0, low_open=True)
+  check_number(owner, "decay", decay, low=0.0, high=1.0, low_open=True, high_open=True)
+  check_number(owner, "warmup_steps", warmup_steps, low=1.0, allow_inf=False, integer=True)
+
+
+# --------------------------------------------------------------------------- zclip
+
+
+@_stats.register("zclip", ("norm", "threshold", "z", "clipped_fraction", "ema_mean", "ema_std"))
+class ZClipState(NamedTuple):
+  """State of :func:`~optax_gradctl.zclip`: its statistics, then its estimator."""
+
+  norm: jax.Array  # float32: global L2 norm before clipping (non-finite on a non-finite step)
+  threshold: jax.Array  # float32: the cap applied this step, +inf when nothing was clipped
+  z: jax.Array  # float32: the z-score of the norm (0 during warm-up)
+  clipped_fraction: jax.Array  # float32: 1.0 when this step was clipped, else 0.0
+  ema_mean: jax.Array  # float32: mean of the norm (of the warm-up so far, then the EMA)
+  ema_std: jax.Array  # float32: its standard deviation
+  ema: _Ema  # the estimator
+
+
+def zclip(
+  z_threshold: ArrayLike = 2.5,
+  *,
+  decay: ArrayLike = 0.97,
+  warmup_steps: ArrayLike = 25,
+  mode: str = "adaptive",
+  max_norm: ArrayLike | None = None,
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """ZClip: clips the global norm when it is a z-score outlier of its own history.
+
+  For the first ``warmup_steps`` finite steps the global L2 norms are only
+  collected (and the gradient clipped to ``max_norm`` if given); their mean
+  and population variance then start an exponential moving mean ``mu`` and
+  variance ``sigma**2``. Afterwards, with ``z = (||g|| - mu) / (sigma + 1e-6)``,
+  a step with ``z > z_threshold`` has its norm clipped to
+
+  - ``mode="adaptive"``: ``mu + z_threshold * sigma / (z / z_threshold)``,
+    a lower cap for a larger outlier;
+  - ``mode="mean"``: ``mu``;
+  - ``mode="percentile"``: ``mu + z_threshold * sigma``;
+
+  and never above ``max_norm``. The EMA is then updated with that cap (taken
+  before ``max_norm``) on a clipped step and with the raw norm otherwise. A
+  non-finite gradient passes through as NaN and leaves the statistics
+  bitwise unchanged; a finite gradient whose norm overflows float32 counts
+  as ``z = +inf``.
+
+  Args:
+    z_threshold: the z-score above which a norm is clipped, ``> 0``.
+    decay: the EMA decay, in ``(0, 1)``.
+    warmup_steps: finite steps collected before clipping starts, ``>= 1``.
+    mode: ``"adaptive"``, ``"mean"`` or ``"percentile"``.
+    max_norm: an optional fixed cap, ``>= 0``, applied at every step.
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state, :class:`ZClipState`,
+    records ``norm``, ``threshold``, ``z``, ``clipped_fraction``, ``ema_mean``
+    and ``ema_std``.
+
+  Raises:
+    ValueError: if an argument is out of range or NaN.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.zclip(2.5, warmup_steps=3)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> for norm in [1.0, 1.2, 0.8, 1.1, 50.0]:  # a spike after warm-up
+    ...   updates, state = tx.update(jnp.array([norm, 0.0]), state)
+    >>> round(float(state.norm), 2), round(float(state.threshold), 3), round(float(updates[0]), 3)
+    (50.0, 1.006, 1.006)
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025
+  """
+  owner = "zclip"
+  _check_ema_args(owner, z_threshold, decay, warmup_steps)
+  check_choice(owner, "mode", mode, ZCLIP_MODES)
+  if max_norm is not None:
+    check_number(owner, "max_norm", max_norm, low=0.0)
+
+  def init_fn(params: Any) -> ZClipState:
+    del params
+    z = _stats.zeros()
+    return ZClipState(z, jnp.asarray(jnp.inf, jnp.float32), z, z, z, z, _ema_init())
+
+  def update_fn(updates, state, params=None):
+    del params
+    floats, rebuild = _reduce.split_floats(updates)
+    red = _reduce.reduce(floats, norms=("l2",), axis_name=axis_name)
+    norm = red.norm
+    l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+    finite = jnp.all(jnp.isfinite(l2.m))
+    ema = state.ema
+    warm = _ema_warm(ema, warmup_steps)
+    z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
+    mean, std = ema.mean, jnp.sqrt(ema.var)
+    zt = jnp.asarray(z_threshold, jnp.float32)
+    if mode == "adaptive":
+      cap = mean + jnp.square(zt) * std / jnp.where(jnp.isinf(z), jnp.inf, jnp.maximum(z, zt))
+    elif mode == "mean":
+      cap = mean
+    else:
+      cap = mean + zt * std
+    spike = warm & finite & (z > zt)
+    zcap = jnp.where(spike, cap, jnp.inf)
+    limit = zcap if max_norm is None else jnp.minimum(zcap, jnp.asarray(max_norm, jnp.float32))
+    s1, s2, clipped = _reduce.scale_factors(l2, limit, clip=True)
+    out = _reduce.apply(floats, "global", lambda x, s: x * s1[s] * s2[s])
+    enter = finite & jnp.isfinite(norm)
+    ema = _ema_update(ema, jnp.where(spike, zcap, norm), enter, warmup_steps, decay)
+    ema_mean, ema_std = _ema_std_now(ema, warmup_steps)
+    did_clip = jnp.any(clipped) & finite
+    new = ZClipState(
+      norm=norm,
+      threshold=jnp.where(did_clip, limit, jnp.inf).astype(jnp.float32),
+      z=z.astype(jnp.float32),
+      clipped_fraction=did_clip.astype(jnp.float32),
+      ema_mean=ema_mean,
+      ema_std=ema_std,
+      ema=ema,
+    )
+    return rebuild(out), new
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- autoclip
+
+
+@_stats.register("autoclip", ("norm", "threshold", "clipped_fraction"))
+class AutoClipState(NamedTuple):
+  """State of :func:`~optax_gradctl.autoclip`: its statistics and norm history."""
+
+  norm: jax.Array  # float32: global L2 norm before clipping
+  threshold: jax.Array  # float32: the percentile clipped to (+inf with no history)
+  clipped_fraction: jax.Array  # float32: 1.0 when this step was clipped, else 0.0
+  history: jax.Array  # float32 [history]: the last finite norms (a ring buffer)
+  count: jax.Array  # int32: finite norms ever entered
+
+
+def autoclip(
+  percentile: ArrayLike = 10.0,
+  *,
+  history: int = 1000,
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """AutoClip: clips the global norm to a percentile of its recent history.
+
+  The last ``history`` finite global L2 norms are kept in a fixed-size ring
+  buffer. At each step the current norm enters the buffer first, as in the
+  paper's code; the gradient is then clipped to the ``percentile``-th
+  percentile of the buffer, interpolated linearly like ``numpy.percentile``.
+  A non-finite norm never enters the buffer, and a non-finite gradient passes
+  through as NaN.
+
+  Args:
+    percentile: in ``[0, 100]``.
+    history: the buffer's size, ``>= 1``. It fixes the state's shape, so it
+      must be a concrete int (with ``inject_hyperparams``, list it in
+      ``static_args``).
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`AutoClipState`, records ``norm``, ``threshold`` and
+    ``clipped_fraction``.
+
+  Raises:
+    ValueError: if ``percentile`` or ``history`` is out of range or NaN.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.autoclip(50.0, history=4)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for norm in [1.0, 3.0, 2.0, 10.0]:
+    ...   updates, state = tx.update(jnp.array([norm]), state)
+    >>> float(state.threshold), float(updates[0])  # the median of [1, 3, 2, 10]
+    (2.5, 2.5)
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
+  """
+  owner = "autoclip"
+  check_number(owner, "percentile", percentile, low=0.0, high=100.0)
+  if isinstance(history, jax.core.Tracer):
+    raise TypeError(
+      f"{owner}: history fixes the state's shape and must be a concrete int, got a tracer;"
+      " with optax.inject_hyperparams pass static_args=('history',)"
+    )
+  check_number(owner, "history", history, low=1.0, allow_inf=False, integer=True)
+  size = int(concrete(history))
+
+  def init_fn(params: Any) -> AutoClipState:
+    del params
+    z = _stats.zeros()
+    return AutoClipState(
+      z,
+      jnp.asarray(jnp.inf, jnp.float32),
+      z,
+      jnp.zeros((size,), jnp.float32),
+      jnp.zeros((), jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    floats, rebuild = _reduce.split_floats(updates)
+    red = _reduce.reduce(floats, norms=("l2",), axis_name=axis_name)
+    norm = red.norm
+    l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+    finite = jnp.all(jnp.isfinite(l2.m))
+    enter = finite & jnp.isfinite(norm)
+    buffer = state.history
+    n = buffer.shape[0]  # read from the state, never from a traced argument
+    slot = state.count % n
+    buffer = jnp.where(enter, buffer.at[slot].set(norm), buffer)
+    count = state.count + enter.astype(jnp.int32)
+    threshold = _percentile(buffer, jnp.minimum(count, n), percentile)
+    s1, s2, clipped = _reduce.scale_factors(l2, threshold, clip=True)
+    out = _reduce.apply(floats, "global", lambda x, s: x * s1[s] * s2[s])
+    did_clip = jnp.any(clipped) & finite
+    new = AutoClipState(
+      norm=norm,
+      threshold=threshold,
+      clipped_fraction=did_clip.astype(jnp.float32),
+      history=buffer,
+      count=count,
+    )
+    return rebuild(out), new
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _percentile(buffer: jax.Array, valid: jax.Array, q: ArrayLike) -> jax.Array:
+  """``numpy.percentile(buffer[:valid], q)`` (linear), +inf when ``valid == 0``."""
+  n = buffer.shape[0]
+  ordered = jnp.sort(jnp.where(jnp.arange(n) < valid, buffer, jnp.inf))
+  pos = jnp.asarray(q, jnp.float32) / 100 * jnp.maximum(valid - 1, 0).astype(jnp.float32)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, jnp.maximum(valid - 1, 0))
+  frac = pos - lo.astype(jnp.float32)
+  a, b = ordered[lo], ordered[hi]
+  value = a + (b - a) * frac
+  return jnp.where(valid > 0, jnp.where(frac == 0, a, value), jnp.inf).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- skip_on_spike
+
+
+@_stats.register(
+  "skip_on_spike",
+  ("norm", "threshold", "z", "ema_mean", "ema_std", "skip_count", "consecutive_skips"),
+)
+class SkipOnSpikeState(NamedTuple):
+  """State of :func:`~optax_gradctl.skip_on_spike`: statistics, estimator and inner state."""
+
+  norm: jax.Array  # float32: global L2 norm of the incoming gradient
+  threshold: jax.Array  # float32: the norm above which a step is skipped (+inf in warm-up)
+  z: jax.Array  # float32: the z-score of the norm (0 during warm-up)
+  ema_mean: jax.Array  # float32
+  ema_std: jax.Array  # float32
+  skip_count: jax.Array  # int32: steps skipped so far
+  consecutive_skips: jax.Array  # int32: steps skipped in a row, up to this one
+  ema: _Ema
+  inner_state: Any
+
+
+def skip_on_spike(
+  inner: optax.GradientTransformation,
+  *,
+  z_threshold: ArrayLike = 6.0,
+  decay: ArrayLike = 0.99,
+  warmup_steps: ArrayLike = 100,
+  max_consecutive: ArrayLike = 10,
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """Skips the step when the gradient norm is a spike, like ``optax.apply_if_finite``.
+
+  The global L2 norm of each gradient is tracked with the estimator of
+  :func:`zclip`: the mean and population variance of the first
+  ``warmup_steps`` finite norms, then an EMA with ``decay``. A step is
+  skipped when its gradient is non-finite, or, after warm-up, when
+  ``z = (||g|| - mu) / (sigma + 1e-6) > z_threshold``. A skipped step returns
+  zero updates and leaves ``inner``'s state untouched, so Adam's moments are
+  not polluted, and its norm does not enter the statistics.
+
+  So that training cannot stall, after ``max_consecutive`` skips in a row the
+  next finite step passes whatever its z; its norm enters the statistics and
+  the counter resets. Non-finite steps are always skipped and count towards
+  the run of skips. With ``max_consecutive=10`` and 2 skips already made, 8
+  more spikes are skipped and the 9th passes.
+
+  Args:
+    inner: the optimizer (or chain) to protect.
+    z_threshold: the z-score above which a step is skipped, ``> 0``.
+    decay: the EMA decay, in ``(0, 1)``.
+    warmup_steps: finite steps before skipping starts, ``>= 1``.
+    max_consecutive: skips in a row before a finite step is let through,
+      ``>= 0``.
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`SkipOnSpikeState`, records ``norm``, ``threshold``, ``z``,
+    ``ema_mean``, ``ema_std``, ``skip_count`` and ``consecutive_skips``, and
+    holds ``inner``'s state.
+
+  Raises:
+    ValueError: if an argument is out of range or NaN.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import optax_gradctl as gc
+    >>> tx = gc.skip_on_spike(optax.sgd(1.0), warmup_steps=3)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for g in [1.0, 1.1, 0.9, 1.0, 100.0]:
+    ...   updates, state = tx.update(jnp.array([g]), state)
+    >>> float(updates[0]), int(state.skip_count)
+    (0.0, 1)
+  """
+  owner = "skip_on_spike"
+  _check_ema_args(owner, z_threshold, decay, warmup_steps)
+  check_number(owner, "max_consecutive", max_consecutive, low=0.0, allow_inf=False, integer=True)
+
+  def init_fn(params: Any) -> SkipOnSpikeState:
+    z = _stats.zeros()
+    zero = jnp.zeros((), jnp.int32)
+    return SkipOnSpikeState(
+      z, jnp.asarray(jnp.inf, jnp.float32), z, z, z, zero, zero, _ema_init(), inner.init(params)
+    )
+
+  def update_fn(updates, state, params=None):
+    floats, _ = _reduce.split_floats(updates)
+    red = _reduce.reduce(floats, norms=("l2",), axis_name=axis_name)
+    norm = red.norm
+    finite = jnp.all(jnp.isfinite(red.l2.m)) if floats else jnp.asarray(True)
+    ema = state.ema
+    warm = _ema_warm(ema, warmup_steps)
+    z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
+    spike = warm & (z > jnp.asarray(z_threshold, jnp.float32))
+    let_through = state.consecutive_skips >= jnp.asarray(max_consecutive).astype(jnp.int32)
+    skip = ~finite | (spike & ~let_through)
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params)
+    keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
+    inner_state = jax.tree.map(keep, inner_state, state.inner_state)
+    out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), inner_updates)
+    ema = _ema_update(ema, norm, ~skip & jnp.isfinite(norm), warmup_steps, decay)
+    ema_mean, ema_std = _ema_std_now(ema, warmup_steps)
+    cap = ema.mean + jnp.asarray(z_threshold, jnp.float32) * (jnp.sqrt(ema.var) + _EPS)
+    skip_i = skip.astype(jnp.int32)
+    new = SkipOnSpikeState(
+      norm=norm,
+      threshold=jnp.where(_ema_warm(ema, warmup_steps), cap, jnp.inf).astype(jnp.float32),
+      z=z.astype(jnp.float32),
+      ema_mean=ema_mean,
+      ema_std=ema_std,
+      skip_count=state.skip_count + skip_i,
+      consecutive_skips=(state.consecutive_skips + 1) * skip_i,
+      ema=ema,
+      inner_state=inner_state,
+    )
+    return out, new
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,394 @@
+"""zclip, autoclip and skip_on_spike, step by step against float64 NumPy transcriptions."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradctl as gc
+
+DIRECTION = {"a": np.array([0.6, 0.0]), "b": np.array([[0.8]])}  # a unit vector over two leaves
+
+
+def gradient(norm: float) -> dict:
+  with np.errstate(invalid="ignore"):  # inf * 0 is NaN: a non-finite gradient either way
+    return {k: jnp.asarray(v * norm, jnp.float32) for k, v in DIRECTION.items()}
+
+
+def norm_of(tree) -> float:
+  flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+  return float(np.sqrt(np.sum(flat**2)))
+
+
+def planted_norms(steps=300, seed=0):
+  """Noisy norms around 1 with planted spikes, a drift, a NaN and an inf step."""
+  rng = np.random.default_rng(seed)
+  norms = np.exp(rng.normal(0, 0.1, steps)) * np.linspace(1.0, 0.5, steps)
+  spikes = [60, 61, 62, *range(150, 163), 240]
+  norms[[t for t in spikes if t < steps]] *= 30
+  norms[100] = np.nan
+  norms[min(200, steps - 7)] = np.inf
+  return norms
+
+
+# ----------------------------------------------------------------------------- references
+
+
+class RefEma:
+  """The EMA estimator as specified: warm-up mean and population variance, then an EMA."""
+
+  def __init__(self, warmup, decay):
+    self.warmup, self.decay, self.buffer, self.mean, self.var = warmup, decay, [], None, None
+
+  @property
+  def warm(self):
+    return self.mean is not None
+
+  def z(self, x):
+    return (x - self.mean) / (math.sqrt(self.var) + 1e-6)
+
+  def enter(self, x):
+    if not self.warm:
+      self.buffer.append(x)
+      if len(self.buffer) >= self.warmup:
+        self.mean, self.var = float(np.mean(self.buffer)), float(np.var(self.buffer))
+    else:
+      self.mean = self.decay * self.mean + (1 - self.decay) * x
+      self.var = self.decay * self.var + (1 - self.decay) * (x - self.mean) ** 2
+
+  def report(self):
+    if self.warm:
+      return self.mean, math.sqrt(self.var)
+    return float(np.mean(self.buffer)) if self.buffer else 0.0, float(
+      np.std(self.buffer)
+    ) if self.buffer else 0.0
+
+
+def ref_zclip(norms, z_t, decay, warmup, mode, max_norm):
+  ema, rows = RefEma(warmup, decay), []
+  for x in norms:
+    if not np.isfinite(x):
+      mean, std = ema.report()
+      rows.append({"out": np.nan, "z": None, "ema_mean": mean, "ema_std": std})
+      continue
+    cap, z = None, 0.0
+    if ema.warm:
+      z = ema.z(x)
+      std = math.sqrt(ema.var)
+      if z > z_t:
+        cap = {
+          "adaptive": ema.mean + z_t * std / (z / z_t),
+          "mean": ema.mean,
+          "percentile": ema.mean + z_t * std,
+        }[mode]
+    limit = min(cap if cap is not None else np.inf, max_norm if max_norm is not None else np.inf)
+    out = min(x, limit)
+    ema.enter(cap if cap is not None else x)
+    mean, std = ema.report()
+    rows.append(
+      {
+        "out": out,
+        "z": z,
+        "threshold": limit if x > limit else np.inf,
+        "ema_mean": mean,
+        "ema_std": std,
+      }
+    )
+  return rows
+
+
+def ref_autoclip(norms, q, history):
+  hist, rows = [], []
+  for x in norms:
+    if np.isfinite(x):
+      hist = [*hist, x][-history:]
+    threshold = float(np.percentile(hist, q)) if hist else np.inf
+    out = np.nan if not np.isfinite(x) else min(x, threshold)
+    rows.append({"out": out, "threshold": threshold})
+  return rows
+
+
+def ref_skip(norms, z_t, decay, warmup, max_consecutive):
+  ema, rows, skips, run = RefEma(warmup, decay), [], 0, 0
+  for x in norms:
+    finite = np.isfinite(x)
+    z = ema.z(x) if ema.warm and finite else 0.0
+    spike = ema.warm and finite and z > z_t
+    skip = (not finite) or (spike and run < max_consecutive)
+    if skip:
+      skips, run = skips + 1, run + 1
+    else:
+      run = 0
+      ema.enter(x)
+    mean, std = ema.report()
+    rows.append(
+      {
+        "skip": skip,
+        "z": z,
+        "skip_count": skips,
+        "consecutive": run,
+        "ema_mean": mean,
+        "ema_std": std,
+      }
+    )
+  return rows
+
+
+def run_steps(tx, norms):
+  state = tx.init(gradient(1.0))
+  step = jax.jit(tx.update)
+  outs, states = [], []
+  for x in norms:
+    out, state = step(gradient(x), state)
+    outs.append(out)
+    states.append(state)
+  return outs, states
+
+
+# ----------------------------------------------------------------------------- zclip
+
+
+@pytest.mark.parametrize("mode", gc._adaptive.ZCLIP_MODES)
+@pytest.mark.parametrize("max_norm", [None, 0.9])
+def test_zclip_matches_reference_step_by_step(mode, max_norm):
+  norms = planted_norms()
+  want = ref_zclip(norms, 2.5, 0.97, 25, mode, max_norm)
+  outs, states = run_steps(
+    gc.zclip(2.5, decay=0.97, warmup_steps=25, mode=mode, max_norm=max_norm), norms
+  )
+  for t, (out, state, ref) in enumerate(zip(outs, states, want, strict=True)):
+    if ref["z"] is None:  # the non-finite steps
+      assert not np.isfinite(norm_of(out)), t
+      continue
+    assert abs(ref["z"] - 2.5) > 1e-3, "test data too close to the threshold"
+    np.testing.assert_allclose(norm_of(out), ref["out"], rtol=1e-5, err_msg=f"step {t}")
+    np.testing.assert_allclose(float(state.z), ref["z"], rtol=1e-4, atol=1e-4, err_msg=f"step {t}")
+    np.testing.assert_allclose(
+      float(state.threshold), ref["threshold"], rtol=1e-5, err_msg=f"step {t}"
+    )
+    np.testing.assert_allclose(
+      float(state.ema_mean), ref["ema_mean"], rtol=1e-5, err_msg=f"step {t}"
+    )
+    np.testing.assert_allclose(
+      float(state.ema_std), ref["ema_std"], rtol=1e-4, atol=1e-7, err_msg=f"step {t}"
+    )
+    assert float(state.clipped_fraction) == float(ref["threshold"] < np.inf)
+  assert sum(float(s.clipped_fraction) for s in states) >= 10  # the spikes were clipped
+
+
+def test_zclip_non_finite_step_leaves_statistics_bitwise_unchanged():
+  tx = gc.zclip(warmup_steps=3)
+  state = tx.init(gradient(1.0))
+  for x in [1.0, 1.1, 0.9, 1.0]:
+    _, state = tx.update(gradient(x), state)
+  for bad in (np.nan, np.inf):
+    out, new = tx.update(gradient(bad), state)
+    assert np.all(np.isnan(np.asarray(out["a"])))
+    for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(state.ema), strict=True):
+      np.testing.assert_array_equal(a, b)
+    assert new.ema_mean == state.ema_mean and new.ema_std == state.ema_std
+    assert not np.isfinite(new.norm)
+
+
+def test_zclip_overflowing_finite_gradient_counts_as_infinite_z():
+  tx = gc.zclip(warmup_steps=2)
+  state = tx.init(jnp.zeros(4))
+  for x in [1.0, 1.2]:
+    _, state = tx.update(jnp.full((4,), x / 2), state)
+  huge = jnp.full((4,), 3e38, jnp.float32)  # its norm overflows float32
+  out, new = tx.update(huge, state)
+  assert float(new.z) == np.inf and not np.isfinite(new.norm)
+  np.testing.assert_allclose(
+    norm_of(out), float(state.ema_mean), rtol=1e-5
+  )  # adaptive cap at z=inf is the mean
+  # the cap, not the overflowing norm, fed the EMA
+  assert np.isfinite(new.ema_mean) and float(new.ema_mean) == pytest.approx(
+    float(state.ema_mean), rel=1e-6
+  )
+
+
+def test_zclip_warmup_clips_to_max_norm_only():
+  tx = gc.zclip(warmup_steps=5, max_norm=2.0)
+  state = tx.init(gradient(1.0))
+  out, state = tx.update(gradient(10.0), state)
+  np.testing.assert_allclose(norm_of(out), 2.0, rtol=1e-6)
+  assert float(state.threshold) == 2.0 and float(state.z) == 0.0
+  out, state = tx.update(gradient(1.5), state)
+  np.testing.assert_allclose(norm_of(out), 1.5, rtol=1e-6)
+  assert float(state.threshold) == np.inf
+
+
+# ----------------------------------------------------------------------------- autoclip
+
+
+@pytest.mark.parametrize("q,history", [(10.0, 50), (50.0, 7), (0.0, 20), (100.0, 1000)])
+def test_autoclip_matches_reference_step_by_step(q, history):
+  norms = planted_norms(steps=200)
+  want = ref_autoclip(norms, q, history)
+  outs, states = run_steps(gc.autoclip(q, history=history), norms)
+  for t, (out, state, ref) in enumerate(zip(outs, states, want, strict=True)):
+    np.testing.assert_allclose(
+      float(state.threshold), ref["threshold"], rtol=1e-6, err_msg=f"step {t}"
+    )
+    if np.isnan(ref["out"]):
+      assert not np.isfinite(norm_of(out))
+    else:
+      np.testing.assert_allclose(norm_of(out), ref["out"], rtol=1e-5, err_msg=f"step {t}")
+
+
+def test_autoclip_history_survives_non_finite_steps_bitwise():
+  tx = gc.autoclip(history=4)
+  state = tx.init(gradient(1.0))
+  for x in [1.0, 2.0]:
+    _, state = tx.update(gradient(x), state)
+  for bad in (np.nan, np.inf):
+    _, new = tx.update(gradient(bad), state)
+    np.testing.assert_array_equal(new.history, state.history)
+    assert int(new.count) == int(state.count)
+
+
+def test_autoclip_history_must_be_static():
+  with pytest.raises(TypeError, match="static_args"):
+    jax.jit(lambda h: gc.autoclip(history=h).init(jnp.zeros(1)))(4)
+  tx = optax.inject_hyperparams(gc.autoclip, static_args=("history",))(percentile=20.0, history=8)
+  state = tx.init(gradient(1.0))
+  _, state = jax.jit(tx.update)(gradient(2.0), state)
+  assert state.inner_state.history.shape == (8,)
+
+
+# ----------------------------------------------------------------------------- skip_on_spike
+
+
+@pytest.mark.parametrize("max_consecutive", [10, 3, 0])
+def test_skip_on_spike_matches_reference_step_by_step(max_consecutive):
+  norms = planted_norms()
+  want = ref_skip(norms, 6.0, 0.99, 20, max_consecutive)
+  tx = gc.skip_on_spike(
+    optax.sgd(1.0), z_threshold=6.0, decay=0.99, warmup_steps=20, max_consecutive=max_consecutive
+  )
+  outs, states = run_steps(tx, norms)
+  for t, (out, state, ref) in enumerate(zip(outs, states, want, strict=True)):
+    if ref["skip"]:
+      assert norm_of(out) == 0.0, t
+    else:
+      np.testing.assert_allclose(norm_of(out), norms[t], rtol=1e-5, err_msg=f"step {t}")
+    assert int(state.skip_count) == ref["skip_count"], t
+    assert int(state.consecutive_skips) == ref["consecutive"], t
+    np.testing.assert_allclose(
+      float(state.ema_mean), ref["ema_mean"], rtol=1e-5, err_msg=f"step {t}"
+    )
+    np.testing.assert_allclose(
+      float(state.ema_std), ref["ema_std"], rtol=1e-4, atol=1e-7, err_msg=f"step {t}"
+    )
+  assert want[-1]["skip_count"] >= 2
+
+
+def test_skip_on_spike_lets_the_ninth_spike_through():
+  tx = gc.skip_on_spike(optax.sgd(1.0), warmup_steps=3, max_consecutive=10)
+  state = tx.init(gradient(1.0))
+  for x in [1.0, 1.1, 0.9]:
+    _, state = tx.update(gradient(x), state)
+  passed = []
+  for _ in range(11):  # 2 skips, then 8 more, then the 9th passes
+    out, state = tx.update(gradient(1000.0), state)
+    passed.append(norm_of(out) > 0)
+  assert passed == [False] * 10 + [True]
+  assert int(state.consecutive_skips) == 0 and int(state.skip_count) == 10
+
+
+def test_skip_on_spike_never_lets_non_finite_through_and_keeps_adam_moments():
+  tx = gc.skip_on_spike(optax.adam(1e-3), warmup_steps=2, max_consecutive=1)
+  g = gradient(1.0)
+  state = tx.init(g)
+  for x in [1.0, 1.1]:
+    _, state = tx.update(gradient(x), state)
+  for _ in range(3):
+    out, new = tx.update(gradient(np.nan), state)
+    assert norm_of(out) == 0.0
+    for a, b in zip(
+      jax.tree.leaves(new.inner_state), jax.tree.leaves(state.inner_state), strict=True
+    ):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(state.ema), strict=True):
+      np.testing.assert_array_equal(a, b)
+    state = new
+  assert int(state.consecutive_skips) == 3 and int(state.skip_count) == 3
+
+
+def test_skip_on_spike_stats_include_inner_gradctl_states():
+  tx = gc.skip_on_spike(optax.chain(gc.clip_by_global_norm(1.0), optax.sgd(0.1)), warmup_steps=2)
+  _, state = tx.update(gradient(3.0), tx.init(gradient(1.0)))
+  stats = gc.stats(state)
+  assert {
+    "skip_on_spike/norm",
+    "skip_on_spike/skip_count",
+    "inner_state/0/clip_by_global_norm/norm",
+  } <= set(stats)
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+ADAPTIVE = {
+  "zclip": lambda: gc.zclip(warmup_steps=3),
+  "autoclip": lambda: gc.autoclip(history=5),
+  "skip_on_spike": lambda: gc.skip_on_spike(optax.adam(1e-2), warmup_steps=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_state_keeps_structure_shapes_and_dtypes(name):
+  tx = ADAPTIVE[name]()
+  state0 = tx.init(gradient(1.0))
+
+  def body(state, x):
+    return tx.update(gradient(1.0) | {"a": gradient(1.0)["a"] * x}, state)[1], None
+
+  state, _ = jax.lax.scan(body, state0, jnp.array([1.0, 2.0, np.nan, 50.0, 1.0]))
+  assert jax.tree.structure(state) == jax.tree.structure(state0)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state0), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize(
+  "make,match",
+  [
+    (lambda: gc.zclip(0.0), "z_threshold"),
+    (lambda: gc.zclip(np.nan), "z_threshold"),
+    (lambda: gc.zclip(decay=1.0), "decay"),
+    (lambda: gc.zclip(decay=0.0), "decay"),
+    (lambda: gc.zclip(warmup_steps=0), "warmup_steps"),
+    (lambda: gc.zclip(warmup_steps=2.5), "warmup_steps"),
+    (lambda: gc.zclip(mode="median"), "mode"),
+    (lambda: gc.zclip(max_norm=-1.0), "max_norm"),
+    (lambda: gc.autoclip(-1.0), "percentile"),
+    (lambda: gc.autoclip(101.0), "percentile"),
+    (lambda: gc.autoclip(np.nan), "percentile"),
+    (lambda: gc.autoclip(history=0), "history"),
+    (lambda: gc.skip_on_spike(optax.sgd(1.0), max_consecutive=-1), "max_consecutive"),
+    (lambda: gc.skip_on_spike(optax.sgd(1.0), decay=np.nan), "decay"),
+    (lambda: gc.skip_on_spike(optax.sgd(1.0), z_threshold=-2.0), "z_threshold"),
+  ],
+)
+def test_bad_hyperparameters_raise_naming_the_argument(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_traced_hyperparameters_under_inject_hyperparams():
+  tx = optax.inject_hyperparams(gc.zclip)(z_threshold=2.0, decay=0.9, warmup_steps=3, max_norm=5.0)
+  state = tx.init(gradient(1.0))
+  step = jax.jit(tx.update)
+  for x in [1.0, 1.1, 0.9, 100.0]:
+    out, state = step(gradient(x), state)
+  assert norm_of(out) < 5.0
+  tx = optax.inject_hyperparams(
+    lambda z_threshold: gc.skip_on_spike(optax.sgd(1.0), z_threshold=z_threshold, warmup_steps=3)
+  )(z_threshold=3.0)
+  state = tx.init(gradient(1.0))
+  for x in [1.0, 1.1, 0.9, 100.0]:
+    out, state = jax.jit(tx.update)(gradient(x), state)
+  assert norm_of(out) == 0.0
