@@ -120,21 +120,33 @@ def group_norms(grads: Any) -> jax.Array:
 # --------------------------------------------------------------------------- controls
 
 
-def make_control(name: str, cfg: argparse.Namespace) -> optax.GradientTransformation:
+def make_tx(name: str, cfg: argparse.Namespace) -> optax.GradientTransformation:
+  """The gradient control ``name`` in front of the optimizer."""
+  opt = make_optimizer(cfg)
+  if name == "skip_on_spike":
+    return gc.skip_on_spike(opt)  # wraps the optimizer: a spike skips the whole step
   if name == "none":
-    return gc.clip_by_global_norm(jnp.inf)  # changes nothing; records the norm
-  if name == "clip_by_value":
-    return gc.clip_by_value(cfg.clip_value)
-  if name == "clip_by_global_norm":
-    return gc.clip_by_global_norm(cfg.max_norm)
-  if name == "unit_rescale":
-    return gc.unit_rescale()
-  if name == "zscore":
-    return gc.zscore()
-  raise ValueError(f"--controls: unknown control {name!r}; choose from {', '.join(CONTROLS)}")
+    control = gc.clip_by_global_norm(jnp.inf)  # changes nothing; records the norm
+  elif name == "clip_by_value":
+    control = gc.clip_by_value(cfg.clip_value)
+  elif name == "clip_by_global_norm":
+    control = gc.clip_by_global_norm(cfg.max_norm)
+  elif name == "unit_rescale":
+    control = gc.unit_rescale()
+  elif name == "zscore":
+    control = gc.zscore()
+  elif name == "zclip":
+    control = gc.zclip()
+  elif name == "autoclip":
+    control = gc.autoclip()
+  else:
+    raise ValueError(f"--controls: unknown control {name!r}; choose from {', '.join(ALL_CONTROLS)}")
+  return optax.chain(control, opt)
 
 
 CONTROLS = ("none", "clip_by_value", "clip_by_global_norm", "unit_rescale", "zscore")
+ADAPTIVE = ("zclip", "autoclip", "skip_on_spike")
+ALL_CONTROLS = CONTROLS + ADAPTIVE
 
 
 def make_optimizer(cfg: argparse.Namespace) -> optax.GradientTransformation:
@@ -156,7 +168,7 @@ def make_runner(control: str, cfg: argparse.Namespace):
   ``run_block`` scans ``cfg.block`` training steps and then measures the MSE
   on a held-out batch.
   """
-  tx = optax.chain(make_control(control, cfg), make_optimizer(cfg))
+  tx = make_tx(control, cfg)
 
   def create(seed):
     model = Regressor(cfg, nnx.Rngs(jax.random.key(seed)))
@@ -177,8 +189,9 @@ def make_runner(control: str, cfg: argparse.Namespace):
     model, opt = nnx.merge(graphdef, state)
     inputs, targets = adding_batch(jax.random.fold_in(data_key, step), cfg.batch, cfg.seq_len)
     if cfg.spike_every:
-      # the spike scenario: every spike_every-th batch has targets times spike_scale
-      spike = (step % cfg.spike_every == cfg.spike_every - 1) & (step >= cfg.spike_start)
+      # the spike scenario: from spike_start on, every spike_every-th batch has its
+      # targets multiplied by spike_scale
+      spike = (step % cfg.spike_every == 0) & (step >= cfg.spike_start)
       targets = jnp.where(spike, targets * cfg.spike_scale, targets)
     loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets)
     groups = group_norms(grads)
@@ -437,9 +450,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--controls",
     nargs="+",
-    choices=CONTROLS,
+    choices=ALL_CONTROLS,
     default=list(CONTROLS),
-    help="gradient controls to compare",
+    help="gradient controls to compare (zclip, autoclip and skip_on_spike with their defaults;"
+    " skip_on_spike wraps the optimizer)",
   )
   p.add_argument(
     "--seeds", type=int, default=3, help="seeds per control (initial weights and data)"

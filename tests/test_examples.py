@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import optax_gradctl as gc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -46,6 +49,16 @@ def test_layer_groups_cover_both_cells():
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     groups = {lstm_adding.layer_group(p) for p, _ in flat}
     assert groups == set(lstm_adding.GROUPS)
+
+
+@pytest.mark.parametrize("control", lstm_adding.ALL_CONTROLS)
+def test_every_control_builds_and_steps(control):
+  cfg = lstm_adding.parse_args(["--optimizer", "adam", "--lr", "0.01"])
+  tx = lstm_adding.make_tx(control, cfg)
+  g = {"w": jnp.ones((3,))}
+  updates, state = tx.update(g, tx.init(g), g)
+  assert np.all(np.isfinite(np.asarray(updates["w"])))
+  assert any(k.endswith("/norm") for k in gc.stats(state))
 
 
 def test_bad_arguments_are_refused():
