@@ -185,7 +185,7 @@ def zclip(
   def update_fn(updates, state, params=None):
     del params
     floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, norms=("l2",), axis_name=axis_name)
+    red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
     norm = red.norm
     l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
     finite = jnp.all(jnp.isfinite(l2.m))
@@ -306,7 +306,7 @@ def autoclip(
   def update_fn(updates, state, params=None):
     del params
     floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, norms=("l2",), axis_name=axis_name)
+    red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
     norm = red.norm
     l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
     finite = jnp.all(jnp.isfinite(l2.m))
@@ -433,7 +433,7 @@ def skip_on_spike(
 
   def update_fn(updates, state, params=None):
     floats, _ = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, norms=("l2",), axis_name=axis_name)
+    red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
     norm = red.norm
     finite = jnp.all(jnp.isfinite(red.l2.m)) if floats else jnp.asarray(True)
     ema = state.ema

@@ -74,8 +74,10 @@ def clip_by_value(
     floats, rebuild = _reduce.split_floats(updates)
     upper = jnp.asarray(max_value)
     lower = -upper if min_value is None else jnp.asarray(min_value)
-    red = _reduce.reduce(floats, axis_name=axis_name)
-    fraction = _reduce.fraction_outside(floats, lower, upper, axis_name=axis_name)
+    red = _reduce.reduce(floats, axes=_reduce.float_axes(axis_name, updates))
+    fraction = _reduce.fraction_outside(
+      floats, lower, upper, axes=_reduce.float_axes(axis_name, updates)
+    )
     clamped = _reduce.apply(
       floats, "global", lambda x, s: jnp.clip(x, lower.astype(x.dtype), upper.astype(x.dtype))
     )
@@ -199,7 +201,9 @@ def _clip_by_norm(
   def update_fn(updates, state, params=None):
     del state, params
     floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axis_name=axis_name)
+    red = _reduce.reduce(
+      floats, scope=scope, norms=(norm,), axes=_reduce.float_axes(axis_name, updates)
+    )
     value = getattr(red, norm)
     s1, s2, clipped = _reduce.scale_factors(value, max_norm, clip=True)
     out = _reduce.apply(floats, scope, lambda x, s: x * s1[s] * s2[s])

@@ -61,7 +61,9 @@ def unit_rescale(
   def update_fn(updates, state, params=None):
     del state, params
     floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axis_name=axis_name)
+    red = _reduce.reduce(
+      floats, scope=scope, norms=(norm,), axes=_reduce.float_axes(axis_name, updates)
+    )
     s1, s2, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
     out = _reduce.apply(floats, scope, lambda x, s: x * s1[s] * s2[s])
     return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
@@ -124,7 +126,9 @@ def zscore(
   def update_fn(updates, state, params=None):
     del state, params
     floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, scope=scope, moments=True, axis_name=axis_name)
+    red = _reduce.reduce(
+      floats, scope=scope, moments=True, axes=_reduce.float_axes(axis_name, updates)
+    )
     mom = red.moments
     dof = _degrees_of_freedom(mom.n, ddof, owner).astype(mom.m2.dtype)
     undefined = jnp.where(mom.n == 0, 0.0, jnp.nan)  # an empty scope has std 0

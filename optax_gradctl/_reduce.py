@@ -172,23 +172,89 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 # Cross-device combination
 
 
-def _axis_size(axis_name: AxisName) -> int:
+class Axes(NamedTuple):
+  """The mesh axes each float leaf is partitioned over, inside ``shard_map``."""
+
+  leaf: tuple[tuple[Hashable, ...], ...]  # per float leaf, in split_floats order
+  union: tuple[Hashable, ...]  # every axis named: the collectives run over these
+
+
+def _is_axis_spec(x: Any) -> bool:
+  return (
+    x is None or isinstance(x, str) or (isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+  )
+
+
+class _Spec:
+  """An axis spec held as one pytree leaf (a tuple of names would be flattened)."""
+
+  def __init__(self, names: tuple[Hashable, ...]):
+    self.names = names
+
+
+def float_axes(axis_name: Any, tree: Any) -> Axes | None:
+  """Resolves ``axis_name`` for the float leaves of ``tree``.
+
+  ``axis_name`` is a mesh axis name, a tuple of names, or a pytree prefix of
+  ``tree`` with one of those (or ``None``, for leaves replicated over every
+  axis) per subtree, e.g. ``{"kernel": "fsdp", "bias": None}``.
+  """
   if axis_name is None:
-    return 1
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return None
+  leaves = jax.tree.leaves(tree)
+  if _is_axis_spec(axis_name):
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    per_leaf = [names] * len(leaves)
+  else:
+    try:
+      spread = jax.tree.map(
+        lambda spec, sub: jax.tree.map(
+          lambda _: _Spec(() if spec is None else spec if isinstance(spec, tuple) else (spec,)), sub
+        ),
+        axis_name,
+        tree,
+        is_leaf=_is_axis_spec,
+      )
+    except ValueError as err:
+      raise ValueError(f"axis_name: not a prefix of the gradient's structure: {err}") from None
+    per_leaf = [s.names for s in jax.tree.leaves(spread, is_leaf=lambda x: isinstance(x, _Spec))]
+  floats = [names for x, names in zip(leaves, per_leaf, strict=True) if is_float(x)]
+  union = tuple(dict.fromkeys(a for names in floats for a in names))
+  return Axes(tuple(floats), union) if union else None
+
+
+def _axis_size(names: tuple[Hashable, ...]) -> int:
   return math.prod(lax.axis_size(n) for n in names)
 
 
+def _weights(axes: Axes | None) -> list[float] | None:
+  """Per leaf, 1 / (the number of copies of it among the devices of ``axes.union``):
+  summing weighted partials over the union counts a replicated leaf once."""
+  if axes is None:
+    return None
+  return [1.0 / _axis_size(tuple(a for a in axes.union if a not in names)) for names in axes.leaf]
+
+
+def _weigh(
+  parts: dict[str, list[jax.Array]], weights: list[float] | None
+) -> dict[str, list[jax.Array]]:
+  if weights is None or all(w == 1 for w in weights):
+    return parts
+  return {
+    k: [v * w if w != 1 else v for v, w in zip(vs, weights, strict=True)] for k, vs in parts.items()
+  }
+
+
 def _allreduce(
-  parts: dict[str, jax.Array], op: Callable, axis_name: AxisName
+  parts: dict[str, jax.Array], op: Callable, axes: Axes | None
 ) -> dict[str, jax.Array]:
   """One collective for all ``parts``: packed into a vector, reduced, unpacked."""
-  if axis_name is None or not parts:
+  if axes is None or not parts:
     return parts
   names = list(parts)
   dtype = jnp.result_type(*parts.values())
   sizes = [parts[n].size for n in names]
-  packed = op(jnp.concatenate([parts[n].astype(dtype).ravel() for n in names]), axis_name)
+  packed = op(jnp.concatenate([parts[n].astype(dtype).ravel() for n in names]), axes.union)
   out, start = {}, 0
   for n, size in zip(names, sizes, strict=True):
     out[n] = packed[start : start + size].reshape(parts[n].shape).astype(parts[n].dtype)
@@ -285,7 +351,7 @@ def reduce(
   scope: Scope = "global",
   norms: Sequence[str] = (),
   moments: bool = False,
-  axis_name: AxisName = None,
+  axes: Axes | None = None,
 ) -> Reduction:
   """Reduces the float leaves once, per scope.
 
@@ -294,7 +360,8 @@ def reduce(
     scope: ``"global"`` (one scope, the whole tree) or ``"leaf"``.
     norms: any of ``"l2"``, ``"l1"``, ``"linf"``.
     moments: also compute the mean and the centred sum of squares.
-    axis_name: mesh axes over which every leaf is partitioned (``shard_map``).
+    axes: the mesh axes each leaf is partitioned over, inside ``shard_map``
+      (from :func:`float_axes`); ``None`` on one device or under plain ``jit``.
 
   Returns:
     A :class:`Reduction`. Its ``norm`` is always the global L2 norm as float32.
@@ -312,8 +379,11 @@ def reduce(
       mom,
     )
   acc = acc_dtype(floats)
-  devices = _axis_size(axis_name)
-  sizes = [x.size * devices for x in floats]
+  sizes = [
+    x.size * (_axis_size(a) if axes else 1)
+    for x, a in zip(floats, axes.leaf if axes else floats, strict=True)
+  ]
+  weights = _weights(axes)
   n = np.array([sum(sizes)] if scope == "global" else sizes, np.int64)
   n_acc = jnp.asarray(n, acc)
   need_sum = moments
@@ -329,9 +399,9 @@ def reduce(
     reducers["amax"] = (lambda y, a: jnp.abs(y), _max_over)
   fast = _leafwise(floats, reducers, acc=acc)
   fast_max = {"amax": _per_scope(fast.pop("amax"), scope, jnp.max)} if "linf" in norms else {}
-  fast = {k: _per_scope(v, scope) for k, v in fast.items()}
-  fast = _allreduce(fast, lax.psum, axis_name)
-  fast_max = _allreduce(fast_max, lax.pmax, axis_name)
+  fast = {k: _per_scope(v, scope) for k, v in _weigh(fast, weights).items()}
+  fast = _allreduce(fast, lax.psum, axes)
+  fast_max = _allreduce(fast_max, lax.pmax, axes)
 
   sumsq = fast["sumsq"]
   trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
@@ -359,8 +429,8 @@ def reduce(
 
   def slow_branch(leaves):
     parts, e, extra = (_moments_pass if moments else _rescaled_pass)(leaves)
-    parts = {k: _per_scope(v, scope) for k, v in parts.items()}
-    parts = _allreduce(parts, lax.psum, axis_name)
+    parts = {k: _per_scope(v, scope) for k, v in _weigh(parts, weights).items()}
+    parts = _allreduce(parts, lax.psum, axes)
     out = {"sumsq": parts["sumsq"], "e": e}
     # The global L2 statistic combines the scopes at the largest scale.
     top = jnp.max(e)
@@ -396,7 +466,7 @@ def reduce(
     extremes = {"hi": (lambda y, a: y, _max_over), "neglo": (lambda y, a: -y, _max_over)}
     ext = _leafwise(leaves, extremes, acc=acc, stack_limit=np.inf)
     ext = {k: _per_scope(v, scope, jnp.max) for k, v in ext.items()}
-    ext = _allreduce(ext, lax.pmax, axis_name)
+    ext = _allreduce(ext, lax.pmax, axes)
     hi, lo = ext["hi"], -ext["neglo"]
     # Clamped so that 2**-e is a normal number: the largest scaled element
     # then lies in [0.5, 8).
@@ -495,7 +565,7 @@ def scale_factors(
 
 
 def fraction_outside(
-  floats: Sequence[jax.Array], lower: jax.Array, upper: jax.Array, *, axis_name: AxisName = None
+  floats: Sequence[jax.Array], lower: jax.Array, upper: jax.Array, *, axes: Axes | None = None
 ) -> jax.Array:
   """The float32 fraction of all float elements outside ``[lower, upper]``.
 
@@ -523,10 +593,14 @@ def fraction_outside(
   def clipped(y, a):
     return jnp.minimum(jnp.maximum(jnp.maximum(y - upper, lower - y), 0) * unit, 1)
 
-  counts = _leafwise(floats, {"count": (clipped, jnp.sum)}, acc=acc)["count"]
-  total = jnp.sum(jnp.stack(counts)).astype(jnp.float32)
-  total = _allreduce({"count": total}, lax.psum, axis_name)["count"]
-  return total / (sum(x.size for x in floats) * _axis_size(axis_name))
+  counts = _leafwise(floats, {"count": (clipped, jnp.sum)}, acc=acc)
+  total = jnp.sum(jnp.stack(_weigh(counts, _weights(axes))["count"])).astype(jnp.float32)
+  total = _allreduce({"count": total}, lax.psum, axes)["count"]
+  sizes = [
+    x.size * (_axis_size(a) if axes else 1)
+    for x, a in zip(floats, axes.leaf if axes else floats, strict=True)
+  ]
+  return total / sum(sizes)
 
 
 def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) -> jax.Array:
@@ -542,8 +616,10 @@ def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) 
   Args:
     tree: a pytree of arrays.
     norm: ``"l2"``, ``"l1"`` or ``"linf"``.
-    axis_name: mesh axes over which every leaf is partitioned, inside
-      ``shard_map``: the norm then covers the whole sharded tree.
+    axis_name: inside ``shard_map``, the mesh axes over which the leaves are
+      partitioned (a name, a tuple of names, or a pytree prefix of ``tree``
+      with ``None`` for replicated leaves): the norm then covers the whole
+      sharded tree.
 
   Returns:
     A float32 scalar.
@@ -566,5 +642,5 @@ def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) 
   floats, _ = split_floats(tree)
   if not floats:
     return jnp.zeros((), jnp.float32)
-  red = reduce(floats, scope="global", norms=(norm,), axis_name=axis_name)
+  red = reduce(floats, scope="global", norms=(norm,), axes=float_axes(axis_name, tree))
   return getattr(red, norm).to_float32()[0]

@@ -1,6 +1,12 @@
-"""Shared pytest settings: a hypothesis profile that keeps CI quick."""
+"""Shared pytest settings: 8 simulated CPU devices, and a hypothesis profile that keeps CI quick."""
 
 import os
+
+# Before jax is imported anywhere: the sharding tests need a mesh of 8 devices.
+# Everything else runs on the first one, as it would on a single device.
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 from hypothesis import HealthCheck, settings
 
