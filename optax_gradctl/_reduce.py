@@ -235,14 +235,12 @@ def _weights(axes: Axes | None) -> list[float] | None:
   return [1.0 / _axis_size(tuple(a for a in axes.union if a not in names)) for names in axes.leaf]
 
 
-def _weigh(
-  parts: dict[str, list[jax.Array]], weights: list[float] | None
-) -> dict[str, list[jax.Array]]:
+def _weigh(parts: dict[str, jax.Array], weights: list[float] | None) -> dict[str, jax.Array]:
+  """Per-leaf partials (vectors in leaf order) times each leaf's weight."""
   if weights is None or all(w == 1 for w in weights):
     return parts
-  return {
-    k: [v * w if w != 1 else v for v, w in zip(vs, weights, strict=True)] for k, vs in parts.items()
-  }
+  w = np.asarray(weights)
+  return {k: v * w.astype(v.dtype) for k, v in parts.items()}
 
 
 def _allreduce(
@@ -291,9 +289,9 @@ def scope_of(floats: Sequence[jax.Array], scope: Scope) -> list[int]:
   return [0] * len(floats) if scope == "global" else list(range(len(floats)))
 
 
-def _per_scope(values: list[jax.Array], scope: Scope, op: Callable = jnp.sum) -> jax.Array:
-  stacked = jnp.stack(values)
-  return op(stacked, axis=0, keepdims=True) if scope == "global" else stacked
+def _per_scope(values: jax.Array, scope: Scope, op: Callable = jnp.sum) -> jax.Array:
+  """Per-leaf partials (a vector in leaf order) combined per scope."""
+  return op(values, axis=0, keepdims=True) if scope == "global" else values
 
 
 def _max_over(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
@@ -314,18 +312,22 @@ def _leafwise(
   scale: Sequence[jax.Array] | None = None,
   shift: Sequence[jax.Array] | None = None,
   stack_limit: float = STACK_LIMIT,
-) -> dict[str, list[jax.Array]]:
+) -> dict[str, jax.Array]:
   """Per-leaf reductions ``red(fn(x * scale, shift))`` for each ``(fn, red)``.
 
   ``x`` is each leaf in the accumulation dtype ``acc``. Leaves of one shape
   and dtype with at most ``stack_limit`` elements are stacked along a new
   axis (which keeps each leaf's sharding) and reduced by one kernel; larger
   leaves are read in place by a kernel each.
+
+  Returns:
+    For each reducer, a vector of the per-leaf results, in leaf order.
   """
   groups: dict[tuple, list[int]] = {}
   for i, x in enumerate(leaves):
     groups.setdefault((x.shape, x.dtype), []).append(i)
-  out: dict[str, list[Any]] = {name: [None] * len(leaves) for name in reducers}
+  pieces: dict[str, list[jax.Array]] = {name: [] for name in reducers}
+  order: list[int] = []
   for idx in groups.values():
     if len(idx) > 1 and leaves[idx[0]].size <= stack_limit:
       batches = [(idx, jnp.stack([leaves[i] for i in idx]))]
@@ -338,10 +340,25 @@ def _leafwise(
         y = y * jnp.stack([scale[i] for i in members]).reshape(column)
       a = 0.0 if shift is None else jnp.stack([shift[i] for i in members]).reshape(column)
       axes = tuple(range(1, y.ndim))
-      for name, (fn, red) in reducers.items():
-        values = red(fn(y, a), axis=axes)
-        for j, i in enumerate(members):
-          out[name][i] = values[j]
+      if len(members) == 1:
+        for name, (fn, red) in reducers.items():
+          pieces[name].append(red(fn(y, a), axis=axes))
+      else:
+        # Reducers of one kind reduce together, as one [R, k, ...] array;
+        # reduced one by one, XLA would split each back into per-leaf kernels.
+        for red in dict.fromkeys(r for _, r in reducers.values()):
+          names = [n for n, (_, r) in reducers.items() if r is red]
+          stacked = jnp.stack([reducers[n][0](y, a) for n in names])
+          values = red(stacked, axis=tuple(d + 1 for d in axes))
+          for r, name in enumerate(names):
+            pieces[name].append(values[r])
+      order.extend(members)
+  perm = np.argsort(order)
+  identity = bool(np.all(perm == np.arange(len(order))))
+  out = {}
+  for name, vecs in pieces.items():
+    vec = jnp.concatenate(vecs) if len(vecs) > 1 else vecs[0]
+    out[name] = vec if identity else vec[perm]
   return out
 
 
@@ -594,7 +611,7 @@ def fraction_outside(
     return jnp.minimum(jnp.maximum(jnp.maximum(y - upper, lower - y), 0) * unit, 1)
 
   counts = _leafwise(floats, {"count": (clipped, jnp.sum)}, acc=acc)
-  total = jnp.sum(jnp.stack(_weigh(counts, _weights(axes))["count"])).astype(jnp.float32)
+  total = jnp.sum(_weigh(counts, _weights(axes))["count"]).astype(jnp.float32)
   total = _allreduce({"count": total}, lax.psum, axes)["count"]
   sizes = [
     x.size * (_axis_size(a) if axes else 1)

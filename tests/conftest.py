@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile(
   "ci",
-  max_examples=40,
+  max_examples=30,
   deadline=None,
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
   print_blob=True,

@@ -161,8 +161,21 @@ def test_apply_if_finite(name):
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
 
 
+# One configuration of each public transform in front of every optimizer.
+PUBLIC = [
+  "clip_by_value",
+  "clip_by_norm_l1",
+  "clip_by_global_norm",
+  "unit_rescale",
+  "zscore",
+  "zclip",
+  "autoclip",
+  "skip_on_spike",
+]
+
+
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PUBLIC)
 def test_chain_equals_sequential(name, opt):
   params = grads(seed=5)
   chained = optax.chain(CASES[name].make(), OPTIMIZERS[opt]())
@@ -170,11 +183,12 @@ def test_chain_equals_sequential(name, opt):
   cs = chained.init(params)
   s1, s2 = first.init(params), second.init(params)
   step = jax.jit(chained.update)
+  one, two = jax.jit(first.update), jax.jit(second.update)
   for seed in range(2):
     g = grads(seed=seed, scale=3.0)
     u, cs = step(g, cs, params)
-    v, s1 = first.update(g, s1, params)
-    v, s2 = second.update(v, s2, params)
+    v, s1 = one(g, s1, params)
+    v, s2 = two(v, s2, params)
     close(u, v, rtol=2e-5, atol=1e-6)
     params = optax.apply_updates(params, u)
 
