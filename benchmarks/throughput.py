@@ -123,23 +123,35 @@ def jax_calls(name: str, fn, tree) -> tuple[dict[str, Callable[[], None]], float
   return {f"{name}/donated": run_donated, f"{name}/fresh": run_fresh}, compile_s
 
 
-def torch_call(torch, op: str, tree) -> Callable[[], None]:
+def torch_call(torch, op: str, tree, device: str = "cpu") -> Callable[[], None]:
+  """PyTorch's in-place clip of the same gradient, on ``device``."""
   import jax.numpy as jnp
 
-  dtype = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}[
-    tree[0].dtype
-  ]
+  dtypes = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}
+  dtype = dtypes[tree[0].dtype]
   params = []
   for x in tree:
-    p = torch.zeros(x.size, dtype=dtype, requires_grad=True)
-    p.grad = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dtype)
+    p = torch.zeros(x.size, dtype=dtype, device=device, requires_grad=True)
+    p.grad = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dtype).to(device)
     params.append(p)
-  if op == "clip_grad_value_":
-    return lambda: torch.nn.utils.clip_grad_value_(params, 1e-3)
-  return lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def call():
+    if op == "clip_grad_value_":
+      torch.nn.utils.clip_grad_value_(params, 1e-3)
+    else:
+      torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    sync()
+
+  return call
 
 
-def grid(quick: bool) -> list[tuple[int, int, str]]:
+def grid(quick: bool, sizes=None, leaves=None, bf16_sizes=None) -> list[tuple[int, int, str]]:
+  if sizes:
+    points = [(int(float(n)), int(L), "float32") for n in sizes for L in leaves or (1,)]
+    return points + [
+      (int(float(n)), int(L), "bfloat16") for n in bf16_sizes or () for L in leaves or (1,)
+    ]
   if quick:
     return [(n, L, "float32") for n in (100_000, 1_000_000) for L in (1, 10)] + [
       (1_000_000, 10, "bfloat16")
@@ -152,12 +164,21 @@ def grid(quick: bool) -> list[tuple[int, int, str]]:
   return points + [(10_000_000, L, "bfloat16") for L in (1, 100, 1000)]
 
 
-def run(quick: bool = False, transforms: list[str] | None = None) -> dict:
+def run(quick: bool = False, transforms: list[str] | None = None, points=None, budget=None) -> dict:
+  import jax
   import jax.numpy as jnp
 
-  budget = 0.2 if quick else 1.0
+  budget = budget or (0.2 if quick else 1.0)
   info = common.machine()
-  bw = common.bandwidth(n=5_000_000 if quick else 50_000_000, budget=budget)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  bw_n = (
+    5_000_000
+    if quick
+    else 50_000_000
+    if on_cpu
+    else max(n for n, _, _ in points or [(0, 0, 0)]) or 10**8
+  )
+  bw = common.bandwidth(n=bw_n, budget=budget)
   print(
     f"bandwidth: read {bw['read_GBps']:.1f} GB/s, in-place read+write {bw['inplace_GBps']:.1f} GB/s",
     flush=True,
@@ -165,7 +186,7 @@ def run(quick: bool = False, transforms: list[str] | None = None) -> dict:
   torch = common.try_torch()
   impls = implementations()
   rows = []
-  for n, leaves, dtype_name in grid(quick):
+  for n, leaves, dtype_name in points or grid(quick):
     dtype = getattr(jnp, dtype_name)
     tree = _tree(n, leaves, dtype)
     item = jnp.dtype(dtype).itemsize
@@ -180,8 +201,8 @@ def run(quick: bool = False, transforms: list[str] | None = None) -> dict:
       for name, fn in versions.items():
         c, compiles[name] = jax_calls(name, fn, tree)
         calls.update(c)
-      if torch:
-        calls["torch"] = torch_call(torch, TORCH[transform], tree)
+      if torch and (on_cpu or torch.cuda.is_available()):
+        calls["torch"] = torch_call(torch, TORCH[transform], tree, "cpu" if on_cpu else "cuda")
       times = common.interleaved_times(calls, budget=budget)
       for name in versions:
         row[name] = {
@@ -318,9 +339,16 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--quick", action="store_true", help="a small grid, for a smoke test")
   p.add_argument("--transforms", nargs="*", help="only these transforms")
   p.add_argument("--name", default="throughput", help="results file name")
+  p.add_argument(
+    "--sizes", nargs="*", help="total elements N (float32), e.g. 1e7 1e8; replaces the grid"
+  )
+  p.add_argument("--leaves", nargs="*", help="leaf counts L for --sizes")
+  p.add_argument("--bf16-sizes", nargs="*", help="N for bfloat16 points with --sizes")
+  p.add_argument("--budget", type=float, help="seconds of timing per point")
   args = p.parse_args(argv)
   pinned = common.pin_to_one_core()
-  data = run(args.quick, args.transforms)
+  points = grid(args.quick, args.sizes, args.leaves, args.bf16_sizes) if args.sizes else None
+  data = run(args.quick, args.transforms, points, args.budget)
   data["pinning"] = pinned
   command = "python -m benchmarks.throughput " + " ".join(
     argv if argv is not None else sys.argv[1:]

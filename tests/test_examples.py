@@ -95,3 +95,22 @@ def test_quick_run_writes_its_artefacts(tmp_path):
   summary = (tmp_path / "summary.md").read_text()
   for name in lstm_adding.CONTROLS:
     assert f"| {name} |" in summary
+
+
+def test_sharded_example_matches_one_device():
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "examples" / "sharded_training.py"),
+      "--steps",
+      "12",
+      "--log-every",
+      "4",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(x for x in proc.stdout.splitlines() if x.startswith("largest relative difference"))
+  assert float(line.rsplit(":", 1)[1]) < 1e-5
