@@ -58,6 +58,14 @@ _CANCELLATION = 2.0**-6
 # elements per scope.
 _RESCALE = {np.dtype(np.float32): (100, 75), np.dtype(np.float64): (800, 600)}
 
+# How norms handle the ends of the float range. "branch": one unscaled pass,
+# and a lax.cond that re-reads the leaves rescaled when its sums fail (best on
+# a CPU, where sibling reductions of one input are separate passes). "select":
+# the unscaled and both rescaled sums in one pass, then a select (best on a
+# GPU or TPU, which fuse sibling reductions and pay for a branch with a host
+# round trip). "auto" picks by platform. Moments always branch.
+RESCALING = "auto"
+
 
 # --------------------------------------------------------------------------
 # Leaves
@@ -406,48 +414,36 @@ def reduce(
   need_sum = moments
   need_abs = "l1" in norms
 
-  # Fast pass: unscaled sums, read once.
-  reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
-  if need_abs:
-    reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
-  if need_sum:
-    reducers["sum"] = (lambda y, a: y, jnp.sum)
-  if "linf" in norms:
-    reducers["amax"] = (lambda y, a: jnp.abs(y), _max_over)
-  fast = _leafwise(floats, reducers, acc=acc)
-  fast_max = {"amax": _per_scope(fast.pop("amax"), scope, jnp.max)} if "linf" in norms else {}
-  fast = {k: _per_scope(v, scope) for k, v in _weigh(fast, weights).items()}
-  fast = _allreduce(fast, lax.psum, axes)
-  fast_max = _allreduce(fast_max, lax.pmax, axes)
+  big, small = _RESCALE[acc]
 
-  sumsq = fast["sumsq"]
-  trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
-  ok = jnp.all(trusted) & jnp.isfinite(jnp.sum(sumsq))
-  if moments:
-    fast_m2 = sumsq - jnp.square(fast["sum"]) / n_acc
-    ok &= jnp.all(fast_m2 >= _CANCELLATION * sumsq)
-
-  def fast_branch(_):
-    out = {
-      "sumsq": sumsq,
-      "e": jnp.zeros(sumsq.shape, jnp.int32),
-      "norm_e": jnp.zeros((), jnp.int32),
-      "norm_sumsq": jnp.sum(sumsq),
-    }
+  def fast_pass(leaves, rescaled: bool):
+    """Unscaled sums, read once; with ``rescaled``, also the sums of the
+    leaves times 2**-big and 2**small, which an accelerator computes in the
+    same kernel (sibling reductions of one input fuse there, not on a CPU)."""
+    reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
     if need_abs:
-      out["sumabs"] = fast["sumabs"]
+      reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
+    if rescaled:
+      for name, k in (("down", -big), ("up", small)):
+        c = 2.0**k
+        reducers[f"sumsq_{name}"] = (lambda y, a, c=c: jnp.square(y * c), jnp.sum)
+        if need_abs:
+          reducers[f"sumabs_{name}"] = (lambda y, a, c=c: jnp.abs(y * c), jnp.sum)
+    if need_sum:
+      reducers["sum"] = (lambda y, a: y, jnp.sum)
     if "linf" in norms:
-      out["amax"] = fast_max["amax"]
-    if moments:
-      out["mean"] = fast["sum"] / n_acc
-      out["m2"] = jnp.maximum(fast_m2, 0)
-      out["constant"] = jnp.zeros(sumsq.shape, bool)
-    return out
+      reducers["amax"] = (lambda y, a: jnp.abs(y), _max_over)
+    fast = _leafwise(leaves, reducers, acc=acc)
+    fast_max = {"amax": _per_scope(fast.pop("amax"), scope, jnp.max)} if "linf" in norms else {}
+    fast = {k: _per_scope(v, scope) for k, v in _weigh(fast, weights).items()}
+    return _allreduce(fast, lax.psum, axes), _allreduce(fast_max, lax.pmax, axes)
 
-  def slow_branch(leaves):
-    parts, e, extra = (_moments_pass if moments else _rescaled_pass)(leaves)
-    parts = {k: _per_scope(v, scope) for k, v in _weigh(parts, weights).items()}
-    parts = _allreduce(parts, lax.psum, axes)
+  def rescale_exponent(sumsq):
+    # The unscaled sum tells which way to scale, by one power of two.
+    trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
+    return jnp.where(jnp.isfinite(sumsq), jnp.where(trusted, 0, -small), big).astype(jnp.int32)
+
+  def assemble(parts, e, fast_max, extra=None):
     out = {"sumsq": parts["sumsq"], "e": e}
     # The global L2 statistic combines the scopes at the largest scale.
     top = jnp.max(e)
@@ -465,45 +461,93 @@ def reduce(
       out["constant"] = constant
     return out
 
-  def _rescaled_pass(leaves):
-    # The failed fast sums tell which way to scale, by one power of two.
-    big, small = _RESCALE[acc]
-    e = jnp.where(jnp.isfinite(sumsq), jnp.where(trusted, 0, -small), big).astype(jnp.int32)
-    scale = [exp2(-e[s], acc) for s in scope_of(leaves, scope)]
-    reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
-    if need_abs:
-      reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
-    return _leafwise(leaves, reducers, acc=acc, scale=scale, stack_limit=np.inf), e, None
+  def selecting(leaves):
+    """Norms without a branch: every candidate sum in one pass, then a select."""
+    fast, fast_max = fast_pass(leaves, rescaled=True)
+    e = rescale_exponent(fast["sumsq"])
+    parts = {}
+    for name in ("sumsq", "sumabs") if need_abs else ("sumsq",):
+      parts[name] = jnp.where(
+        e > 0, fast[f"{name}_down"], jnp.where(e < 0, fast[f"{name}_up"], fast[name])
+      )
+    return assemble(parts, e, fast_max)
 
-  def _moments_pass(leaves):
-    # One pass for the extremes: they give an exact power-of-two scale per
-    # scope, and find constant scopes exactly. A second for the moments,
-    # about an anchor near the mean.
-    owner = scope_of(leaves, scope)
-    extremes = {"hi": (lambda y, a: y, _max_over), "neglo": (lambda y, a: -y, _max_over)}
-    ext = _leafwise(leaves, extremes, acc=acc, stack_limit=np.inf)
-    ext = {k: _per_scope(v, scope, jnp.max) for k, v in ext.items()}
-    ext = _allreduce(ext, lax.pmax, axes)
-    hi, lo = ext["hi"], -ext["neglo"]
-    # Clamped so that 2**-e is a normal number: the largest scaled element
-    # then lies in [0.5, 8).
-    lim = jnp.finfo(acc).maxexp - 3
-    e = jnp.clip(exponent(jnp.maximum(hi, -lo)), -lim, lim)
-    constant = hi == lo
-    fast_mean = fast["sum"] / n_acc
-    anchor = jnp.where(jnp.isfinite(fast_mean), fast_mean, hi / 2 + lo / 2)
-    anchor = lax.stop_gradient(jnp.where(constant, hi, anchor) * exp2(-e, acc))
-    reducers = {
-      "sumsq": (lambda y, a: jnp.square(y), jnp.sum),
-      "dsum": (lambda y, a: y - a, jnp.sum),
-      "dsumsq": (lambda y, a: jnp.square(y - a), jnp.sum),
-    }
-    scale = [exp2(-e[s], acc) for s in owner]
-    shift = [anchor[s] for s in owner]
-    parts = _leafwise(leaves, reducers, acc=acc, scale=scale, shift=shift, stack_limit=np.inf)
-    return parts, e, (anchor, constant)
+  def branching(leaves):
+    """The common case reads once; a rarely taken branch re-reads rescaled."""
+    fast, fast_max = fast_pass(leaves, rescaled=False)
+    sumsq = fast["sumsq"]
+    trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
+    ok = jnp.all(trusted) & jnp.isfinite(jnp.sum(sumsq))
+    if moments:
+      fast_m2 = sumsq - jnp.square(fast["sum"]) / n_acc
+      ok &= jnp.all(fast_m2 >= _CANCELLATION * sumsq)
 
-  res = lax.cond(ok, fast_branch, slow_branch, list(floats))
+    def fast_branch(_):
+      out = {
+        "sumsq": sumsq,
+        "e": jnp.zeros(sumsq.shape, jnp.int32),
+        "norm_e": jnp.zeros((), jnp.int32),
+        "norm_sumsq": jnp.sum(sumsq),
+      }
+      if need_abs:
+        out["sumabs"] = fast["sumabs"]
+      if "linf" in norms:
+        out["amax"] = fast_max["amax"]
+      if moments:
+        out["mean"] = fast["sum"] / n_acc
+        out["m2"] = jnp.maximum(fast_m2, 0)
+        out["constant"] = jnp.zeros(sumsq.shape, bool)
+      return out
+
+    def slow_branch(leaves):
+      parts, e, extra = (moments_pass if moments else rescaled_pass)(leaves)
+      parts = {k: _per_scope(v, scope) for k, v in _weigh(parts, weights).items()}
+      parts = _allreduce(parts, lax.psum, axes)
+      return assemble(parts, e, fast_max, extra)
+
+    def rescaled_pass(leaves):
+      e = rescale_exponent(sumsq)
+      scale = [exp2(-e[s], acc) for s in scope_of(leaves, scope)]
+      reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
+      if need_abs:
+        reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
+      return _leafwise(leaves, reducers, acc=acc, scale=scale, stack_limit=np.inf), e, None
+
+    def moments_pass(leaves):
+      # One pass for the extremes: they give an exact power-of-two scale per
+      # scope, and find constant scopes exactly. A second for the moments,
+      # about an anchor near the mean.
+      owner = scope_of(leaves, scope)
+      extremes = {"hi": (lambda y, a: y, _max_over), "neglo": (lambda y, a: -y, _max_over)}
+      ext = _leafwise(leaves, extremes, acc=acc, stack_limit=np.inf)
+      ext = {k: _per_scope(v, scope, jnp.max) for k, v in ext.items()}
+      ext = _allreduce(ext, lax.pmax, axes)
+      hi, lo = ext["hi"], -ext["neglo"]
+      # Clamped so that 2**-e is a normal number: the largest scaled element
+      # then lies in [0.5, 8).
+      lim = jnp.finfo(acc).maxexp - 3
+      e = jnp.clip(exponent(jnp.maximum(hi, -lo)), -lim, lim)
+      constant = hi == lo
+      fast_mean = fast["sum"] / n_acc
+      anchor = jnp.where(jnp.isfinite(fast_mean), fast_mean, hi / 2 + lo / 2)
+      anchor = lax.stop_gradient(jnp.where(constant, hi, anchor) * exp2(-e, acc))
+      reducers = {
+        "sumsq": (lambda y, a: jnp.square(y), jnp.sum),
+        "dsum": (lambda y, a: y - a, jnp.sum),
+        "dsumsq": (lambda y, a: jnp.square(y - a), jnp.sum),
+      }
+      scale = [exp2(-e[s], acc) for s in owner]
+      shift = [anchor[s] for s in owner]
+      parts = _leafwise(leaves, reducers, acc=acc, scale=scale, shift=shift, stack_limit=np.inf)
+      return parts, e, (anchor, constant)
+
+    return lax.cond(ok, fast_branch, slow_branch, leaves)
+
+  strategy = "branch" if moments else RESCALING
+  if strategy == "auto":
+    res = lax.platform_dependent(list(floats), cpu=branching, default=selecting)
+  else:
+    res = (branching if strategy == "branch" else selecting)(list(floats))
   e = res["e"]
   norm = Pow2(safe_sqrt(res["norm_sumsq"])[None], res["norm_e"][None]).to_float32()[0]
   out = Reduction(norm=norm)

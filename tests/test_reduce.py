@@ -122,8 +122,9 @@ def test_complex_leaves_are_refused():
     ([(30,)] * 5 + [(20_000,)], 2),  # small leaves of one shape: one kernel for the group
   ],
 )
-def test_common_case_reads_each_element_once(shapes, kernels):
+def test_common_case_reads_each_element_once(shapes, kernels, monkeypatch):
   """Outside the rarely taken rescaling branch, every element is read by one reduction."""
+  monkeypatch.setattr(_reduce, "RESCALING", "branch")
   tree = [jnp.ones(s) for s in shapes]
   jaxpr = jax.make_jaxpr(gc.global_norm)(tree).jaxpr
   top = [e.primitive.name for e in jaxpr.eqns]
@@ -136,6 +137,32 @@ def test_common_case_reads_each_element_once(shapes, kernels):
   ]
   assert sum(reads) == sum(x.size for x in tree)
   assert len(reads) == kernels
+
+
+def test_select_strategy_has_no_branch_and_reads_alongside(monkeypatch):
+  """On accelerators the rescaled sums are sibling reductions of the same pass."""
+  monkeypatch.setattr(_reduce, "RESCALING", "select")
+  tree = [jnp.ones((40,)), jnp.ones((5, 10))]
+  jaxpr = jax.make_jaxpr(gc.global_norm)(tree).jaxpr
+  assert "cond" not in [e.primitive.name for e in jaxpr.eqns]
+  reads = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.invars[0].aval.size > 16]
+  assert sum(e.invars[0].aval.size for e in reads) == 3 * sum(x.size for x in tree)
+
+
+@pytest.mark.parametrize("strategy", ["branch", "select"])
+@pytest.mark.parametrize("value", [300.0, 1e20, 3e38, 1e-30, 0.0])
+def test_both_rescaling_strategies_agree(strategy, value, monkeypatch):
+  monkeypatch.setattr(_reduce, "RESCALING", strategy)
+  dtype = jnp.float16 if value == 300.0 else jnp.float32
+  tree = {"a": jnp.full((3, 5), value, dtype), "b": jnp.full((7,), -value / 2, dtype)}
+  for ord in _reduce.NORMS:
+    _assert_norm(gc.global_norm(tree, ord), _ref_norm(tree, ord))
+  out, _ = gc.clip_by_norm(1.0, scope="leaf").update(tree, None)
+  leaves = [ref.f64(x) for x in jax.tree.leaves(tree)]
+  for got, want in zip(
+    jax.tree.leaves(out), ref.clip_by_norm(leaves, 1.0, "l2", "leaf"), strict=True
+  ):
+    np.testing.assert_allclose(ref.f64(got), want, rtol=2e-3)
 
 
 def test_pow2_helpers_are_exact():
