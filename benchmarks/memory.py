@@ -67,7 +67,7 @@ def measure(n: int, expr: str, donate: bool) -> dict:
 
 
 def run(quick: bool) -> dict:
-  n = 20_000_000 if quick else 50_000_000
+  n = 2_000_000 if quick else 50_000_000
   rows = []
   for name, expr in CASES.items():
     row = {"name": name, "N": n}
