@@ -21,6 +21,25 @@ _EPS = 1e-6  # added to the std in z = (norm - mean) / (std + eps), as in ZClip
 ZCLIP_MODES = ("adaptive", "mean", "percentile")
 
 
+# --------------------------------------------------------------------------- shared steps
+
+
+def _measure(updates: Any, axis_name: Any):
+  """The float leaves, the global L2 norm (exact, and as the float32 statistic),
+  and whether the gradient is finite."""
+  floats, rebuild = _reduce.split_floats(updates)
+  red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
+  l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  return floats, rebuild, l2, red.norm, jnp.all(jnp.isfinite(l2.m))
+
+
+def _clip_global(floats, l2: _reduce.Pow2, limit: jax.Array, finite: jax.Array):
+  """The leaves clipped to global norm ``limit``, and whether that clipped."""
+  s1, s2, clipped = _reduce.scale_factors(l2, limit, clip=True)
+  out = _reduce.apply(floats, "global", lambda x, s: x * s1[s] * s2[s])
+  return out, jnp.any(clipped) & finite
+
+
 # --------------------------------------------------------------------------- the EMA estimator
 
 
@@ -184,11 +203,7 @@ def zclip(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
-    norm = red.norm
-    l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-    finite = jnp.all(jnp.isfinite(l2.m))
+    floats, rebuild, l2, norm, finite = _measure(updates, axis_name)
     ema = state.ema
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
@@ -203,12 +218,10 @@ def zclip(
     spike = warm & finite & (z > zt)
     zcap = jnp.where(spike, cap, jnp.inf)
     limit = zcap if max_norm is None else jnp.minimum(zcap, jnp.asarray(max_norm, jnp.float32))
-    s1, s2, clipped = _reduce.scale_factors(l2, limit, clip=True)
-    out = _reduce.apply(floats, "global", lambda x, s: x * s1[s] * s2[s])
+    out, did_clip = _clip_global(floats, l2, limit, finite)
     enter = finite & jnp.isfinite(norm)
     ema = _ema_update(ema, jnp.where(spike, zcap, norm), enter, warmup_steps, decay)
     ema_mean, ema_std = _ema_std_now(ema, warmup_steps)
-    did_clip = jnp.any(clipped) & finite
     new = ZClipState(
       norm=norm,
       threshold=jnp.where(did_clip, limit, jnp.inf).astype(jnp.float32),
@@ -305,11 +318,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
-    norm = red.norm
-    l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-    finite = jnp.all(jnp.isfinite(l2.m))
+    floats, rebuild, l2, norm, finite = _measure(updates, axis_name)
     enter = finite & jnp.isfinite(norm)
     buffer = state.history
     n = buffer.shape[0]  # read from the state, never from a traced argument
@@ -317,9 +326,7 @@ def autoclip(
     buffer = jnp.where(enter, buffer.at[slot].set(norm), buffer)
     count = state.count + enter.astype(jnp.int32)
     threshold = _percentile(buffer, jnp.minimum(count, n), percentile)
-    s1, s2, clipped = _reduce.scale_factors(l2, threshold, clip=True)
-    out = _reduce.apply(floats, "global", lambda x, s: x * s1[s] * s2[s])
-    did_clip = jnp.any(clipped) & finite
+    out, did_clip = _clip_global(floats, l2, threshold, finite)
     new = AutoClipState(
       norm=norm,
       threshold=threshold,
@@ -432,10 +439,7 @@ def skip_on_spike(
     )
 
   def update_fn(updates, state, params=None):
-    floats, _ = _reduce.split_floats(updates)
-    red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
-    norm = red.norm
-    finite = jnp.all(jnp.isfinite(red.l2.m)) if floats else jnp.asarray(True)
+    _, _, _, norm, finite = _measure(updates, axis_name)
     ema = state.ema
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
