@@ -36,7 +36,7 @@ def _measure(updates: Any, axis_name: Any):
 def _clip_global(floats, l2: _reduce.Pow2, limit: jax.Array, finite: jax.Array):
   """The leaves clipped to global norm ``limit``, and whether that clipped."""
   s1, s2, clipped = _reduce.scale_factors(l2, limit, clip=True)
-  out = _reduce.apply(floats, "global", lambda x, s: x * s1[s] * s2[s])
+  out = _reduce.apply(floats, "global", lambda x, a, b: x * a * b, s1, s2)
   return out, jnp.any(clipped) & finite
 
 

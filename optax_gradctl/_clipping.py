@@ -79,7 +79,7 @@ def clip_by_value(
       floats, lower, upper, axes=_reduce.float_axes(axis_name, updates)
     )
     clamped = _reduce.apply(
-      floats, "global", lambda x, s: jnp.clip(x, lower.astype(x.dtype), upper.astype(x.dtype))
+      floats, "global", lambda x: jnp.clip(x, lower.astype(x.dtype), upper.astype(x.dtype))
     )
     return rebuild(clamped), _stats.ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
@@ -206,7 +206,7 @@ def _clip_by_norm(
     )
     value = getattr(red, norm)
     s1, s2, clipped = _reduce.scale_factors(value, max_norm, clip=True)
-    out = _reduce.apply(floats, scope, lambda x, s: x * s1[s] * s2[s])
+    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2)
     fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
     return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
 

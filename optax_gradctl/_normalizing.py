@@ -65,7 +65,7 @@ def unit_rescale(
       floats, scope=scope, norms=(norm,), axes=_reduce.float_axes(axis_name, updates)
     )
     s1, s2, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
-    out = _reduce.apply(floats, scope, lambda x, s: x * s1[s] * s2[s])
+    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2)
     return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -142,7 +142,9 @@ def zscore(
     ok = jnp.ones(mom.e.shape, bool)
     p1 = _reduce.reciprocal_pow2(half, ok, mom.mean.dtype)
     p2 = _reduce.reciprocal_pow2(mom.e - half, ok, mom.mean.dtype)
-    out = _reduce.apply(floats, scope, lambda x, s: (x * p1[s] * p2[s] - mom.mean[s]) * inv[s])
+    out = _reduce.apply(
+      floats, scope, lambda x, a, b, mean, i: (x * a * b - mean) * i, p1, p2, mom.mean, inv
+    )
     if scope == "leaf":
       return rebuild(out), _stats.ZScoreLeafState(norm=red.norm)
     if not floats:

@@ -120,6 +120,7 @@ def test_complex_leaves_are_refused():
   [
     ([(40,), (5, 10), (60,)], 3),  # one kernel per leaf
     ([(30,)] * 5 + [(20_000,)], 2),  # small leaves of one shape: one kernel for the group
+    ([(30,)] * 250, 3),  # at most STACK_GROUP leaves per kernel
   ],
 )
 def test_common_case_reads_each_element_once(shapes, kernels, monkeypatch):
@@ -133,7 +134,7 @@ def test_common_case_reads_each_element_once(shapes, kernels, monkeypatch):
   reads = [
     e.invars[0].aval.size
     for e in jaxpr.eqns
-    if e.primitive.name.startswith("reduce") and e.invars[0].aval.size > 16
+    if e.primitive.name.startswith("reduce") and e.invars[0].aval.size > max(16, len(tree))
   ]
   assert sum(reads) == sum(x.size for x in tree)
   assert len(reads) == kernels
@@ -163,6 +164,32 @@ def test_both_rescaling_strategies_agree(strategy, value, monkeypatch):
     jax.tree.leaves(out), ref.clip_by_norm(leaves, 1.0, "l2", "leaf"), strict=True
   ):
     np.testing.assert_allclose(ref.f64(got), want, rtol=2e-3)
+
+
+@pytest.mark.parametrize("strategy", ["branch", "select"])
+@pytest.mark.parametrize("scope", _reduce.SCOPES)
+def test_many_small_leaves_of_every_magnitude(strategy, scope, monkeypatch):
+  """Hundreds of same-shape leaves are reduced in stacked groups; with leaf
+  magnitudes from 1e-30 to 1e30 the rescaled branch scales each leaf of a
+  group by its own power of two."""
+  monkeypatch.setattr(_reduce, "RESCALING", strategy)
+  n = 2 * _reduce.STACK_GROUP + 37
+  rng = np.random.default_rng(0)
+  exps = rng.uniform(-30, 30, n)
+  leaves = [(rng.standard_normal(7) * 10.0**k).astype(np.float32) for k in exps]
+  tree = [jnp.asarray(x) for x in leaves]
+  want64 = [ref.f64(x) for x in leaves]
+  tiny = np.finfo(np.float32).tiny  # results below it are subnormal in float32
+  for ord in _reduce.NORMS:
+    out, _ = gc.clip_by_norm(1.0, norm=ord, scope=scope).update(tree, None)
+    for got, want in zip(out, ref.clip_by_norm(want64, 1.0, ord, scope), strict=True):
+      np.testing.assert_allclose(ref.f64(got), want, rtol=2e-5, atol=tiny)
+  out, _ = gc.unit_rescale(scope=scope).update(tree, None)
+  for got, want in zip(out, ref.unit_rescale(want64, "l2", scope), strict=True):
+    np.testing.assert_allclose(ref.f64(got), want, rtol=2e-5, atol=tiny)
+  out, _ = gc.zscore(scope=scope).update(tree, None)
+  for got, want in zip(out, ref.zscore(want64, scope), strict=True):
+    np.testing.assert_allclose(ref.f64(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_pow2_helpers_are_exact():
