@@ -173,3 +173,19 @@ def fmt_time(seconds: float) -> str:
   if seconds < 1:
     return f"{seconds * 1e3:.2f} ms"
   return f"{seconds:.2f} s"
+
+
+def run_script(name: str, doc: str, run, report, argv: list[str] | None) -> None:
+  """The command line of a benchmark with only ``--quick``: pins one core,
+  runs, and writes results/<name>.md and .json with the command that made them."""
+  import argparse
+  import sys
+
+  p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+  args = p.parse_args(argv)
+  pinned = pin_to_one_core()
+  data = run(args.quick)
+  data["pinning"] = pinned
+  flags = " ".join(argv if argv is not None else sys.argv[1:])
+  write_results(name, report(data), data, f"python -m benchmarks.{name} {flags}".strip())

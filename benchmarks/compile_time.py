@@ -10,7 +10,6 @@ Run: ``python -m benchmarks.compile_time [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -98,16 +97,7 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true")
-  args = p.parse_args(argv)
-  pinned = common.pin_to_one_core()
-  data = run(args.quick)
-  data["pinning"] = pinned
-  command = "python -m benchmarks.compile_time " + " ".join(
-    argv if argv is not None else sys.argv[1:]
-  )
-  common.write_results("compile_time", report(data), data, command.strip())
+  common.run_script("compile_time", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Run: ``python -m benchmarks.memory [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -90,13 +89,7 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true")
-  args = p.parse_args(argv)
-  common.pin_to_one_core()
-  data = run(args.quick)
-  command = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
-  common.write_results("memory", report(data), data, command.strip())
+  common.run_script("memory", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

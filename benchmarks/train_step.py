@@ -15,9 +15,6 @@ Run: ``python -m benchmarks.train_step [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 
 from benchmarks import common
@@ -154,16 +151,7 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true")
-  args = p.parse_args(argv)
-  pinned = common.pin_to_one_core()
-  data = run(args.quick)
-  data["pinning"] = pinned
-  command = "python -m benchmarks.train_step " + " ".join(
-    argv if argv is not None else sys.argv[1:]
-  )
-  common.write_results("train_step", report(data), data, command.strip())
+  common.run_script("train_step", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

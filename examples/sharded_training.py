@@ -28,6 +28,7 @@ if "jax" not in __import__("sys").modules:  # the device count is read when jax 
 
 import argparse
 import itertools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +79,8 @@ def norm_of(state) -> jax.Array:
   return next(v for k, v in gc.stats(state).items() if k.endswith("/norm"))
 
 
-def train_single(steps: int, bsz: int, log_every: int):
-  tx = optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-2))
-  params = init_params(0)
-  state = tx.init(params)
+def plain_step(tx):
+  """A jitted training step with the optimizer applied to the whole gradient."""
 
   @jax.jit
   def step(params, state, x, y):
@@ -89,33 +88,40 @@ def train_single(steps: int, bsz: int, log_every: int):
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state, loss
 
+  return step
+
+
+def run_steps(step, params, state, steps: int, bsz: int, log_every: int, put=lambda a: a):
+  """Trains, and returns the final parameters and (step, recorded norm, loss) rows."""
   out = []
   for t in range(steps):
-    params, state, loss = step(params, state, *batch(t, bsz))
+    x, y = batch(t, bsz)
+    params, state, loss = step(params, state, put(x), put(y))
     if t % log_every == 0 or t == steps - 1:
       out.append((t, float(norm_of(state)), float(loss)))
-  return out
+  return params, out
+
+
+def train_single(steps: int, bsz: int, log_every: int):
+  tx = optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-2))
+  params = init_params(0)
+  return run_steps(plain_step(tx), params, tx.init(params), steps, bsz, log_every)[1]
 
 
 def train_gspmd(mesh, steps: int, bsz: int, log_every: int):
   tx = optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-2))
   shard = {k: NamedSharding(mesh, s) for k, s in PARAM_SPECS.items()}
   params = jax.device_put(init_params(0), shard)
-  state = tx.init(params)
   data = NamedSharding(mesh, P("data"))
-
-  @jax.jit
-  def step(params, state, x, y):
-    loss, g = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  out = []
-  for t in range(steps):
-    x, y = batch(t, bsz)
-    params, state, loss = step(params, state, jax.device_put(x, data), jax.device_put(y, data))
-    if t % log_every == 0 or t == steps - 1:
-      out.append((t, float(norm_of(state)), float(loss)))
+  params, out = run_steps(
+    plain_step(tx),
+    params,
+    tx.init(params),
+    steps,
+    bsz,
+    log_every,
+    put=partial(jax.device_put, device=data),
+  )
   for k, spec in PARAM_SPECS.items():
     want = NamedSharding(mesh, spec)
     assert params[k].sharding.is_equivalent_to(want, params[k].ndim), (k, params[k].sharding, spec)
@@ -149,13 +155,8 @@ def train_shard_map(mesh, steps: int, bsz: int, log_every: int):
     params, state = update(g, state, params)
     return params, state, loss
 
-  out = []
-  for t in range(steps):
-    x, y = batch(t, bsz)
-    params, state, loss = step(params, state, jax.device_put(x, data), jax.device_put(y, data))
-    if t % log_every == 0 or t == steps - 1:
-      out.append((t, float(norm_of(state)), float(loss)))
-  return out
+  put = partial(jax.device_put, device=data)
+  return run_steps(step, params, state, steps, bsz, log_every, put=put)[1]
 
 
 def main(argv: list[str] | None = None) -> float:
