@@ -78,13 +78,14 @@ def clip_by_value(
     fraction = _reduce.fraction_outside(
       floats, lower, upper, axes=_reduce.float_axes(axis_name, updates)
     )
-    # The clamp needs neither statistic; it still waits for them, so that a
-    # donated gradient is clamped in place.
     acc = _reduce.acc_dtype(floats)
-    lower = _reduce.ordered_after(jnp.asarray(lower, acc), red.norm, fraction)
-    upper = _reduce.ordered_after(jnp.asarray(upper, acc), red.norm, fraction)
     clamped = _reduce.apply(
-      floats, "global", lambda x: jnp.clip(x, lower.astype(x.dtype), upper.astype(x.dtype))
+      floats,
+      "global",
+      jnp.clip,
+      jnp.asarray(lower, acc)[None],
+      jnp.asarray(upper, acc)[None],
+      after=(red.norm, fraction),
     )
     return rebuild(clamped), _stats.ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
@@ -211,8 +212,7 @@ def _clip_by_norm(
     )
     value = getattr(red, norm)
     s1, s2, clipped = _reduce.scale_factors(value, max_norm, clip=True)
-    s1 = _reduce.ordered_after(s1, red.norm)  # linf: the L2 statistic is another pass
-    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2)
+    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2, after=(red.norm,))
     fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
     return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
 

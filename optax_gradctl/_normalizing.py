@@ -65,8 +65,7 @@ def unit_rescale(
       floats, scope=scope, norms=(norm,), axes=_reduce.float_axes(axis_name, updates)
     )
     s1, s2, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
-    s1 = _reduce.ordered_after(s1, red.norm)  # linf: the L2 statistic is another pass
-    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2)
+    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2, after=(red.norm,))
     return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -604,11 +604,15 @@ def apply(
   scope: Scope,
   fn: Callable[..., jax.Array],
   *per_scope: jax.Array,
+  after: Sequence[jax.Array] = (),
 ) -> list[jax.Array]:
   """Applies ``fn(x, *factors)`` to each leaf, in its accumulation dtype and
   cast back to its own; ``factors`` are the ``per_scope`` vectors [S] at the
-  leaf's scope, each indexed once per scope."""
+  leaf's scope, each indexed once per scope. ``after``: statistics of the
+  same leaves that the update must wait for (see :func:`ordered_after`)."""
   acc = acc_dtype(floats)
+  if after and per_scope:
+    per_scope = (ordered_after(per_scope[0], *after), *per_scope[1:])
   factors: dict[int, list[jax.Array]] = {}
   out = []
   for x, s in zip(floats, scope_of(floats, scope), strict=True):
