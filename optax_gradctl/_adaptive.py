@@ -24,20 +24,19 @@ ZCLIP_MODES = ("adaptive", "mean", "percentile")
 # --------------------------------------------------------------------------- shared steps
 
 
-def _measure(updates: Any, axis_name: Any):
+def _measure(updates: Any, axis_name: Any, last_norm: jax.Array):
   """The float leaves, the global L2 norm (exact, and as the float32 statistic),
   and whether the gradient is finite."""
   floats, rebuild = _reduce.split_floats(updates)
-  red = _reduce.reduce(floats, norms=("l2",), axes=_reduce.float_axes(axis_name, updates))
-  l2 = red.l2 if floats else _reduce.Pow2(jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-  return floats, rebuild, l2, red.norm, jnp.all(jnp.isfinite(l2.m))
+  axes = _reduce.float_axes(axis_name, updates)
+  red = _reduce.reduce(floats, norms=("l2",), axes=axes, last_norm=last_norm)
+  return floats, rebuild, red.l2, red.norm, jnp.all(jnp.isfinite(red.l2.m))
 
 
 def _clip_global(floats, l2: _reduce.Pow2, limit: jax.Array, finite: jax.Array):
   """The leaves clipped to global norm ``limit``, and whether that clipped."""
-  s1, s2, clipped = _reduce.scale_factors(l2, limit, clip=True)
-  out = _reduce.apply(floats, "global", lambda x, a, b: x * a * b, s1, s2)
-  return out, jnp.any(clipped) & finite
+  factors, clipped = _reduce.scale_factors(l2, limit, clip=True)
+  return _reduce.rescale(floats, "global", factors), jnp.any(clipped) & finite
 
 
 # --------------------------------------------------------------------------- the EMA estimator
@@ -123,7 +122,7 @@ class ZClipState(NamedTuple):
   """State of :func:`~optax_gradctl.zclip`: its statistics, then its estimator."""
 
   norm: jax.Array  # float32: global L2 norm before clipping (non-finite on a non-finite step)
-  threshold: jax.Array  # float32: the cap applied this step, +inf when nothing was clipped
+  threshold: jax.Array  # float32: the largest norm let through this step (+inf when none is)
   z: jax.Array  # float32: the z-score of the norm (0 during warm-up)
   clipped_fraction: jax.Array  # float32: 1.0 when this step was clipped, else 0.0
   ema_mean: jax.Array  # float32: mean of the norm (of the warm-up so far, then the EMA)
@@ -156,8 +155,16 @@ def zclip(
   and never above ``max_norm``. The EMA is then updated with that cap (taken
   before ``max_norm``) on a clipped step and with the raw norm otherwise. A
   non-finite gradient passes through as NaN and leaves the statistics
-  bitwise unchanged; a finite gradient whose norm overflows float32 counts
-  as ``z = +inf``.
+  bitwise unchanged. A finite gradient whose norm overflows float32 counts
+  as ``z = +inf``: after warm-up it is clipped and its cap enters the EMA;
+  during warm-up it is let through (clipped to ``max_norm`` if given) and
+  not collected.
+
+  The ``threshold`` statistic is the largest norm let through at this step,
+  whether or not the step was clipped, so it plots against ``norm``: after
+  warm-up ``mu + z_threshold * (sigma + 1e-6)`` on an ordinary step (the
+  norm at which clipping starts), the cap on a clipped step, never above
+  ``max_norm``; during warm-up ``max_norm`` (+inf without one).
 
   Args:
     z_threshold: the z-score above which a norm is clipped, ``> 0``.
@@ -203,7 +210,7 @@ def zclip(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild, l2, norm, finite = _measure(updates, axis_name)
+    floats, rebuild, l2, norm, finite = _measure(updates, axis_name, state.norm)
     ema = state.ema
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
@@ -217,14 +224,19 @@ def zclip(
       cap = mean + zt * std
     spike = warm & finite & (z > zt)
     zcap = jnp.where(spike, cap, jnp.inf)
-    limit = zcap if max_norm is None else jnp.minimum(zcap, jnp.asarray(max_norm, jnp.float32))
+    fixed = jnp.inf if max_norm is None else jnp.asarray(max_norm, jnp.float32)
+    limit = jnp.minimum(zcap, fixed)
     out, did_clip = _clip_global(floats, l2, limit, finite)
-    enter = finite & jnp.isfinite(norm)
-    ema = _ema_update(ema, jnp.where(spike, zcap, norm), enter, warmup_steps, decay)
+    # A finite gradient enters: its norm, or on a spike (an overflowing
+    # norm included) its cap. During warm-up an overflowing norm cannot.
+    entered = jnp.where(spike, zcap, norm)
+    ema = _ema_update(ema, entered, finite & jnp.isfinite(entered), warmup_steps, decay)
     ema_mean, ema_std = _ema_std_now(ema, warmup_steps)
+    boundary = mean + zt * (std + _EPS)  # the norm at which z reaches z_threshold
+    in_force = jnp.where(spike, cap, jnp.where(warm, boundary, jnp.inf))
     new = ZClipState(
       norm=norm,
-      threshold=jnp.where(did_clip, limit, jnp.inf).astype(jnp.float32),
+      threshold=jnp.minimum(in_force, fixed).astype(jnp.float32),
       z=z.astype(jnp.float32),
       clipped_fraction=did_clip.astype(jnp.float32),
       ema_mean=ema_mean,
@@ -258,18 +270,19 @@ def autoclip(
 ) -> optax.GradientTransformation:
   """AutoClip: clips the global norm to a percentile of its recent history.
 
-  The last ``history`` finite global L2 norms are kept in a fixed-size ring
-  buffer. At each step the current norm enters the buffer first, as in the
-  paper's code; the gradient is then clipped to the ``percentile``-th
-  percentile of the buffer, interpolated linearly like ``numpy.percentile``.
-  A non-finite norm never enters the buffer, and a non-finite gradient passes
-  through as NaN.
+  The global L2 norms of the last ``history`` finite gradients are kept in a
+  fixed-size ring buffer. At each step the current norm enters the buffer
+  first, as in the paper's code; the gradient is then clipped to the
+  ``percentile``-th percentile of the buffer, interpolated linearly like
+  ``numpy.percentile``. A finite gradient whose norm overflows float32
+  enters as ``+inf`` (at the 100th percentile it is never clipped). A
+  non-finite gradient never enters the buffer and passes through as NaN.
 
   Args:
     percentile: in ``[0, 100]``.
-    history: the buffer's size, ``>= 1``. It fixes the state's shape, so it
-      must be a concrete int (with ``inject_hyperparams``, list it in
-      ``static_args``).
+    history: the buffer's size, ``>= 1``. It fixes the state's shape, so
+      ``init`` needs it concrete; ``update`` reads it from the state, so under
+      ``inject_hyperparams`` it may be traced.
     axis_name: mesh axes over which every leaf is partitioned, inside
       ``shard_map``.
 
@@ -297,16 +310,18 @@ def autoclip(
   """
   owner = "autoclip"
   check_number(owner, "percentile", percentile, low=0.0, high=100.0)
-  if isinstance(history, jax.core.Tracer):
-    raise TypeError(
-      f"{owner}: history fixes the state's shape and must be a concrete int, got a tracer;"
-      " with optax.inject_hyperparams pass static_args=('history',)"
-    )
   check_number(owner, "history", history, low=1.0, allow_inf=False, integer=True)
-  size = int(concrete(history))
 
   def init_fn(params: Any) -> AutoClipState:
     del params
+    size = concrete(history)
+    if size is None:
+      raise TypeError(
+        f"{owner}: history fixes the state's shape, so init needs a concrete int, got a tracer"
+        f" ({history!r}); call init outside jit, or with optax.inject_hyperparams pass"
+        " static_args=('history',)"
+      )
+    size = int(size)
     z = _stats.zeros()
     return AutoClipState(
       z,
@@ -318,8 +333,8 @@ def autoclip(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild, l2, norm, finite = _measure(updates, axis_name)
-    enter = finite & jnp.isfinite(norm)
+    floats, rebuild, l2, norm, finite = _measure(updates, axis_name, state.norm)
+    enter = finite  # an overflowing norm of a finite gradient enters as +inf
     buffer = state.history
     n = buffer.shape[0]  # read from the state, never from a traced argument
     slot = state.count % n
@@ -348,8 +363,8 @@ def _percentile(buffer: jax.Array, valid: jax.Array, q: ArrayLike) -> jax.Array:
   hi = jnp.minimum(lo + 1, jnp.maximum(valid - 1, 0))
   frac = pos - lo.astype(jnp.float32)
   a, b = ordered[lo], ordered[hi]
-  value = a + (b - a) * frac
-  return jnp.where(valid > 0, jnp.where(frac == 0, a, value), jnp.inf).astype(jnp.float32)
+  value = jnp.where((frac == 0) | (a == b), a, a + (b - a) * frac)  # no inf - inf
+  return jnp.where(valid > 0, value, jnp.inf).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- skip_on_spike
@@ -439,7 +454,7 @@ def skip_on_spike(
     )
 
   def update_fn(updates, state, params=None):
-    _, _, _, norm, finite = _measure(updates, axis_name)
+    _, _, _, norm, finite = _measure(updates, axis_name, state.norm)
     ema = state.ema
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)

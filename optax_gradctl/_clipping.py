@@ -16,6 +16,7 @@ def clip_by_value(
   max_value: ArrayLike,
   min_value: ArrayLike | None = None,
   *,
+  stats: bool = True,
   axis_name: _reduce.AxisName = None,
 ) -> optax.GradientTransformation:
   """Clamps every gradient element to ``[min_value, max_value]``.
@@ -27,21 +28,29 @@ def clip_by_value(
   ``+inf`` and ``-inf`` clamp to the bounds. Each element is clamped in float32
   (or float64) and cast back, so a 16-bit gradient keeps its dtype.
 
+  The clamp alone costs what ``optax.clip`` costs: it fuses into the
+  optimizer's own kernel. Recording the statistics reads the gradient once
+  more; ``stats=False`` skips them.
+
   Args:
     max_value: the upper bound.
     min_value: the lower bound; ``-max_value`` if ``None``.
+    stats: record ``norm`` and ``clipped_fraction`` in the state.
     axis_name: mesh axes over which every leaf is partitioned, inside
       ``shard_map``; only the statistics need it.
 
   Returns:
-    An :class:`optax.GradientTransformation` whose state,
+    An :class:`optax.GradientTransformation`. With ``stats=True`` its state,
     :class:`ClipByValueState`, holds ``norm`` (the global L2 norm of the
     incoming gradient) and ``clipped_fraction`` (the fraction of elements that
-    were clamped; NaN, like ``norm``, when the gradient holds NaN).
+    were clamped: 0 with no elements, NaN, like ``norm``, when the gradient
+    holds NaN; an element equal to an infinite bound is not clamped). With
+    ``stats=False`` the state is ``optax.EmptyState()``.
 
   Raises:
-    ValueError: if a bound is NaN, or ``min_value > max_value`` (with
-      ``min_value=None``, if ``max_value < 0``).
+    ValueError: if a bound is ``None`` where a number is needed, or NaN, or
+      ``min_value > max_value`` (with ``min_value=None``, if
+      ``max_value < 0``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -55,6 +64,8 @@ def clip_by_value(
     0.6667
   """
   owner = "clip_by_value"
+  if max_value is None:
+    raise ValueError(f"{owner}: max_value must be a number, got None")
   check_number(owner, "max_value", max_value)
   check_number(owner, "min_value", min_value)
   hi, lo = concrete(max_value), concrete(min_value)
@@ -65,27 +76,25 @@ def clip_by_value(
       f"{owner}: min_value must be <= max_value, got min_value={min_value!r} > max_value={max_value!r}"
     )
 
-  def init_fn(params: Any) -> _stats.ClipByValueState:
+  def init_fn(params: Any):
     del params
+    if not stats:
+      return optax.EmptyState()
     return _stats.ClipByValueState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
 
   def update_fn(updates, state, params=None):
-    del state, params
+    del params
     floats, rebuild = _reduce.split_floats(updates)
-    upper = jnp.asarray(max_value)
-    lower = -upper if min_value is None else jnp.asarray(min_value)
-    red = _reduce.reduce(floats, axes=_reduce.float_axes(axis_name, updates))
-    fraction = _reduce.fraction_outside(
-      floats, lower, upper, axes=_reduce.float_axes(axis_name, updates)
-    )
     acc = _reduce.acc_dtype(floats)
+    upper = jnp.asarray(max_value, acc)
+    lower = -upper if min_value is None else jnp.asarray(min_value, acc)
+    if not stats:
+      return rebuild(_reduce.apply(floats, "global", jnp.clip, lower[None], upper[None])), state
+    axes = _reduce.float_axes(axis_name, updates)
+    red = _reduce.reduce(floats, axes=axes, last_norm=_stats.previous(state, "norm"))
+    fraction = _reduce.fraction_outside(floats, lower, upper, axes=axes)
     clamped = _reduce.apply(
-      floats,
-      "global",
-      jnp.clip,
-      jnp.asarray(lower, acc)[None],
-      jnp.asarray(upper, acc)[None],
-      after=(red.norm, fraction),
+      floats, "global", jnp.clip, lower[None], upper[None], after=(red.norm, fraction)
     )
     return rebuild(clamped), _stats.ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
@@ -107,7 +116,7 @@ def clip_by_norm(
   With ``scope="global"`` the whole pytree is one vector, as in PyTorch's
   ``clip_grad_norm_``; with ``scope="leaf"`` each array is clipped on its own,
   like Keras' ``clipnorm``. A gradient within the bound is returned bitwise
-  unchanged.
+  unchanged, subnormal elements included.
 
   The norm is computed safely over the whole float range: float16 gradients of
   300 or float32 gradients of 1e20, whose squares overflow, are still clipped
@@ -205,14 +214,14 @@ def _clip_by_norm(
     return state_type(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
 
   def update_fn(updates, state, params=None):
-    del state, params
+    del params
     floats, rebuild = _reduce.split_floats(updates)
+    axes = _reduce.float_axes(axis_name, updates)
     red = _reduce.reduce(
-      floats, scope=scope, norms=(norm,), axes=_reduce.float_axes(axis_name, updates)
+      floats, scope=scope, norms=(norm,), axes=axes, last_norm=_stats.previous(state, "norm")
     )
-    value = getattr(red, norm)
-    s1, s2, clipped = _reduce.scale_factors(value, max_norm, clip=True)
-    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2, after=(red.norm,))
+    factors, clipped = _reduce.scale_factors(getattr(red, norm), max_norm, clip=True)
+    out = _reduce.rescale(floats, scope, factors, after=(red.norm,))
     fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
     return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
 

@@ -59,13 +59,14 @@ def unit_rescale(
     return _stats.UnitRescaleState(norm=_stats.zeros())
 
   def update_fn(updates, state, params=None):
-    del state, params
+    del params
     floats, rebuild = _reduce.split_floats(updates)
+    axes = _reduce.float_axes(axis_name, updates)
     red = _reduce.reduce(
-      floats, scope=scope, norms=(norm,), axes=_reduce.float_axes(axis_name, updates)
+      floats, scope=scope, norms=(norm,), axes=axes, last_norm=_stats.previous(state, "norm")
     )
-    s1, s2, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
-    out = _reduce.apply(floats, scope, lambda x, a, b: x * a * b, s1, s2, after=(red.norm,))
+    factors, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
+    out = _reduce.rescale(floats, scope, factors, after=(red.norm,))
     return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -124,10 +125,16 @@ def zscore(
     return state_type(*(_stats.zeros() for _ in state_type._fields))
 
   def update_fn(updates, state, params=None):
-    del state, params
+    del params
     floats, rebuild = _reduce.split_floats(updates)
     red = _reduce.reduce(
-      floats, scope=scope, moments=True, axes=_reduce.float_axes(axis_name, updates)
+      floats,
+      scope=scope,
+      moments=True,
+      axes=_reduce.float_axes(axis_name, updates),
+      last_norm=_stats.previous(state, "norm"),
+      last_mean=_stats.previous(state, "mean"),
+      last_std=_stats.previous(state, "std"),
     )
     mom = red.moments
     dof = _degrees_of_freedom(mom.n, ddof, owner).astype(mom.m2.dtype)

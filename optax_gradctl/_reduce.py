@@ -5,20 +5,31 @@ through it once per step:
 
 1. :func:`split_floats` keeps the floating-point leaves; ``None``, integer
    and ``float0`` leaves pass through untouched and never count.
-2. :func:`reduce` reads each float leaf once and returns, per *scope*
-   (the whole tree, or each leaf), the requested norms and moments in a
-   scaled form that cannot overflow or underflow, plus the global L2 norm of
-   the tree as a float32 statistic.
-3. The transforms turn those into one scale (and shift) per scope and apply it
-   with :func:`apply`, which casts back to each leaf's dtype.
+2. :func:`reduce` reads each float leaf once and returns, per leaf and per
+   *scope* (the whole tree, or each leaf), the requested norms and moments in
+   a scaled form that cannot overflow or underflow, plus the global L2 norm
+   of the tree as a float32 statistic.
+3. The transforms turn those into one scale (and shift) per scope and apply
+   it with :func:`rescale` or :func:`apply`, which cast back to each leaf's
+   dtype.
 
-Numerics. All sums accumulate in at least float32 (float64 leaves in float64).
-The common case costs one reduction pass: unscaled sums whose size shows that
-no square overflowed or underflowed. Only when that check fails (gradients
-near the dtype's limits, zero or constant gradients, or a mean that dwarfs the
-spread) does a ``lax.cond`` branch re-read the leaves scaled by a power of two,
-as LAPACK's ``nrm2`` scales. Results are carried as ``m * 2**e`` so that a norm
-larger than the float32 range still clips to the right value.
+Numerics. Sums accumulate in at least float32 (float64 leaves in float64).
+The common case is one read of each leaf, the work of a plain clip: sums of
+``(x * 2**-k)**2``, where the power of two ``k`` comes from the previous
+step's norm (the *hint*, which every transform keeps in its state) and puts
+the sum of squares mid-range. Float16 leaves need no scale at all: their
+squares always fit in float32. Where the sums show that a square overflowed
+or underflowed (a first step far from 1, or a norm that moved by more than
+about 2**47 in one step), a *rescue* finds each scope's exact power-of-two
+scale from its largest element and sums again. Results are carried as
+``m * 2**e`` so that a norm larger than the float32 range still clips to the
+right value.
+
+How the rescue runs depends on the platform (:data:`RESCALING`). On a CPU or
+TPU it is a ``lax.cond`` that is taken only when needed; a GPU pays for a
+branch even when it is not taken, so there every leaf is reduced once into
+three candidate sums, unscaled and scaled by ``2**-100`` and ``2**75``,
+stacked into one reduction, and a select picks the sum that is in range.
 
 Across devices. With ``axis_name`` every partial reduction is combined over
 those mesh axes inside ``shard_map``: sums by ``psum``, maxima by ``pmax``,
@@ -45,25 +56,28 @@ AxisName = Hashable | tuple[Hashable, ...] | None
 SCOPES: tuple[str, ...] = ("global", "leaf")
 NORMS: tuple[str, ...] = ("l2", "l1", "linf")
 
-# An unscaled sum of squares at least this large lost nothing that matters to
-# underflow: any square that flushed to zero is below 2**-126, so it weighs
-# less than 2**-66 of the total (2**-500 for float64 accumulation).
-_TRUSTED_SUMSQ = {np.dtype(np.float32): 2.0**-60, np.dtype(np.float64): 2.0**-500}
-# The one-pass variance sum(x**2) - sum(x)**2 / n is trusted while the mean
-# accounts for less than 63/64 of sum(x**2), i.e. at most 6 bits cancel.
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+# A sum of squares at least this large lost nothing that matters to
+# underflow: any square that flushed to zero is below 2**-126, so together
+# they weigh less than 2**-26 of the total for up to 2**40 elements (float64:
+# 2**-500 against 2**-1022).
+_TRUSTED_SUMSQ = {_F32: 2.0**-60, _F64: 2.0**-500}
+# The hint scales the previous norm to 2**center: the sum of squares then
+# stays trusted while the norm moves by less than 2**47 (float32) either way.
+_HINT_CENTER = {_F32: 17, _F64: 131}
+# The candidate scales k of the "select" rescue, sums of (x * 2**-k)**2: the
+# unscaled sum, one scaled down and one scaled up. Together they keep every
+# square that matters normal and every sum finite, for up to 2**38 elements
+# per scope.
+_CANDIDATES = {_F32: (0, 100, -75), _F64: (0, 800, -600)}
+# The one-pass variance sum((x-a)**2) - sum(x-a)**2 / n is trusted while the
+# mean accounts for less than 63/64 of sum((x-a)**2): at most 6 bits cancel.
 _CANCELLATION = 2.0**-6
-# When fast sums of squares fail, the leaves are re-read times 2**-big (the
-# sum overflowed) or 2**small (it was below the trusted size). Either keeps
-# every square that matters normal and every sum finite for up to 2**38
-# elements per scope.
-_RESCALE = {np.dtype(np.float32): (100, 75), np.dtype(np.float64): (800, 600)}
 
-# How norms handle the ends of the float range. "branch": one unscaled pass,
-# and a lax.cond that re-reads the leaves rescaled when its sums fail (best on
-# a CPU, where sibling reductions of one input are separate passes). "select":
-# the unscaled and both rescaled sums in one pass, then a select (best on a
-# GPU or TPU, which fuse sibling reductions and pay for a branch with a host
-# round trip). "auto" picks by platform. Moments always branch.
+# How the rescue runs: "branch" (a lax.cond, taken only when the common
+# sums fail), "select" (three candidate sums in the same read, then a
+# select), or "auto": branch on CPU and TPU, select elsewhere (GPUs pay for
+# a branch even when it is not taken). Moments always branch.
 RESCALING = "auto"
 
 
@@ -122,7 +136,7 @@ def split_floats(tree: Any) -> tuple[list[jax.Array], Callable[[Sequence[Any]], 
 
 def acc_dtype(floats: Sequence[jax.Array]) -> np.dtype:
   """The accumulation dtype: float32, or float64 when any leaf is float64."""
-  dtype = np.dtype(np.float32)
+  dtype = _F32
   for x in floats:
     dtype = np.promote_types(dtype, x.dtype)
   return dtype
@@ -133,10 +147,10 @@ def acc_dtype(floats: Sequence[jax.Array]) -> np.dtype:
 
 
 def exp2(k: jax.Array, dtype: np.dtype) -> jax.Array:
-  """``2**k`` exactly, for integer ``k`` within the normal range of ``dtype``."""
+  """``2**k`` exactly, for integer ``k``, clamped to the normal range of ``dtype``."""
   info = jnp.finfo(dtype)
-  bits, itype = (23, jnp.int32) if dtype == np.float32 else (52, jnp.int64)
-  k = jnp.clip(k, info.minexp, info.maxexp - 1).astype(itype)
+  bits, itype = (23, jnp.int32) if dtype == _F32 else (52, jnp.int64)
+  k = jnp.clip(jnp.asarray(k), info.minexp, info.maxexp - 1).astype(itype)
   return lax.bitcast_convert_type((k + (info.maxexp - 1)) << bits, dtype)
 
 
@@ -148,26 +162,41 @@ def split_exp2(k: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
 
 def exponent(x: jax.Array) -> jax.Array:
   """The int32 ``e`` with ``x = f * 2**e`` and ``0.5 <= |f| < 1``; 0 for 0, inf or NaN."""
-  x = lax.stop_gradient(x)
-  _, e = jnp.frexp(x)
-  return jnp.where(jnp.isfinite(x) & (x != 0), e, 0).astype(jnp.int32)
+  _, e = jnp.frexp(lax.stop_gradient(x))
+  return e.astype(jnp.int32)
 
 
 class Pow2(NamedTuple):
-  """A non-negative value per scope, ``m * 2**e``, safe from over- and underflow."""
+  """Non-negative values ``m * 2**e``, safe from over- and underflow."""
 
-  m: jax.Array  # accumulation dtype, shape [S]
-  e: jax.Array  # int32, shape [S]
+  m: jax.Array  # accumulation dtype
+  e: jax.Array  # int32, the same shape
 
   def normalized(self) -> Pow2:
-    """The same value with ``0.5 <= m < 1`` (``m`` unchanged if 0, inf or NaN)."""
-    k = exponent(self.m)
-    return Pow2(self.m * exp2(-k, self.m.dtype), self.e + k)
+    """The same values with ``0.5 <= m < 1`` (``m`` unchanged if 0, inf or NaN)."""
+    m, k = jnp.frexp(self.m)
+    return Pow2(m, self.e + k.astype(jnp.int32))
 
   def to_float32(self) -> jax.Array:
-    """The value as float32: inf where it exceeds the float32 range."""
-    a, b = split_exp2(self.e, self.m.dtype)
-    return (self.m * a * b).astype(jnp.float32)
+    """The values as float32: inf where they exceed the float32 range."""
+    v = self.normalized()
+    a, b = split_exp2(v.e, v.m.dtype)
+    return (v.m * a * b).astype(jnp.float32)
+
+  def sqrt(self) -> Pow2:
+    """The square roots, exactly scaled: ``sqrt(m * 2**e)``."""
+    odd = self.e % 2
+    return Pow2(safe_sqrt(self.m * (1 + odd).astype(self.m.dtype)), (self.e - odd) // 2)
+
+  def total(self, axis: int = -1) -> Pow2:
+    """The sum along ``axis``, taken at the largest exponent so that it cannot
+    overflow; terms more than the dtype's range below it are negligible."""
+    v = self.normalized()
+    lowest = jnp.iinfo(jnp.int32).min // 2
+    top = jnp.max(jnp.where(v.m > 0, v.e, lowest), axis=axis, keepdims=True)
+    m = jnp.sum(v.m * exp2(v.e - top, v.m.dtype), axis=axis)
+    top = jnp.squeeze(top, axis)
+    return Pow2(m, jnp.where(top == lowest, 0, top))
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -235,20 +264,13 @@ def _axis_size(names: tuple[Hashable, ...]) -> int:
   return math.prod(lax.axis_size(n) for n in names)
 
 
-def _weights(axes: Axes | None) -> list[float] | None:
+def _weights(axes: Axes | None) -> np.ndarray | None:
   """Per leaf, 1 / (the number of copies of it among the devices of ``axes.union``):
   summing weighted partials over the union counts a replicated leaf once."""
   if axes is None:
     return None
-  return [1.0 / _axis_size(tuple(a for a in axes.union if a not in names)) for names in axes.leaf]
-
-
-def _weigh(parts: dict[str, jax.Array], weights: list[float] | None) -> dict[str, jax.Array]:
-  """Per-leaf partials (vectors in leaf order) times each leaf's weight."""
-  if weights is None or all(w == 1 for w in weights):
-    return parts
-  w = np.asarray(weights)
-  return {k: v * w.astype(v.dtype) for k, v in parts.items()}
+  w = [1.0 / _axis_size(tuple(a for a in axes.union if a not in names)) for names in axes.leaf]
+  return None if all(x == 1 for x in w) else np.asarray(w)
 
 
 def _allreduce(
@@ -269,41 +291,7 @@ def _allreduce(
 
 
 # --------------------------------------------------------------------------
-# The reduction
-
-
-class Moments(NamedTuple):
-  """Mean and centred sum of squares per scope, in units of ``2**e``."""
-
-  mean: jax.Array  # [S], the mean of x * 2**-e
-  m2: jax.Array  # [S], sum((x * 2**-e - mean)**2)
-  e: jax.Array  # int32 [S]
-  n: np.ndarray  # int64 [S], elements per scope (static)
-  constant: jax.Array  # bool [S], every element equal (exactly)
-
-
-class Reduction(NamedTuple):
-  """What :func:`reduce` found. Fields not asked for are ``None``."""
-
-  norm: jax.Array  # float32 scalar: global L2 norm of the whole tree
-  l2: Pow2 | None = None
-  l1: Pow2 | None = None
-  linf: Pow2 | None = None
-  moments: Moments | None = None
-
-
-def scope_of(floats: Sequence[jax.Array], scope: Scope) -> list[int]:
-  """The scope index of each float leaf."""
-  return [0] * len(floats) if scope == "global" else list(range(len(floats)))
-
-
-def _per_scope(values: jax.Array, scope: Scope, op: Callable = jnp.sum) -> jax.Array:
-  """Per-leaf partials (a vector in leaf order) combined per scope."""
-  return op(values, axis=0, keepdims=True) if scope == "global" else values
-
-
-def _max_over(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
-  return jnp.max(x, axis=axis, initial=-jnp.inf)
+# The plan: static facts about the leaves, and how they are read
 
 
 # Leaves of at most this many elements are reduced stacked with the other
@@ -316,76 +304,391 @@ STACK_LIMIT = 4096
 STACK_GROUP = 100
 
 
-def _leafwise(
-  leaves: Sequence[jax.Array],
-  reducers: dict[str, tuple[Callable, Callable]],
-  *,
-  acc: np.dtype,
-  owner: Sequence[int] | None = None,
-  scale: jax.Array | None = None,
-  shift: jax.Array | None = None,
-  stack_limit: float = STACK_LIMIT,
-) -> dict[str, jax.Array]:
-  """Per-leaf reductions ``red(fn(x * scale, shift))`` for each ``(fn, red)``.
+class Plan(NamedTuple):
+  """How the float leaves are reduced: static, known at trace time."""
 
-  ``x`` is each leaf in the accumulation dtype ``acc``; ``scale`` and
-  ``shift`` are per scope, and ``owner`` gives each leaf's scope. Up to
-  :data:`STACK_GROUP` leaves of one shape and dtype with at most
-  ``stack_limit`` elements are stacked along a new axis (which keeps each
-  leaf's sharding) and reduced by one kernel; larger leaves are read in place
-  by a kernel each.
+  acc: np.dtype  # the accumulation dtype
+  scope: Scope
+  owner: np.ndarray  # int [L]: the scope of each leaf
+  n: np.ndarray  # int64 [S]: elements per scope, over every device
+  weights: np.ndarray | None  # [L]: 1 / copies of each leaf among the devices
+  axes: Axes | None
+  batches: tuple[tuple[int, ...], ...]  # leaves read together, in one kernel
 
-  Returns:
-    For each reducer, a vector of the per-leaf results, in leaf order.
-  """
+  @property
+  def num_scopes(self) -> int:
+    return len(self.n)
+
+
+def make_plan(floats: Sequence[jax.Array], scope: Scope, axes: Axes | None = None) -> Plan:
+  """The :class:`Plan` of reducing ``floats`` per ``scope``."""
+  sizes = [
+    x.size * (_axis_size(a) if axes else 1)
+    for x, a in zip(floats, axes.leaf if axes else floats, strict=True)
+  ]
+  owner = np.zeros(len(floats), int) if scope == "global" else np.arange(len(floats))
+  n = np.array([sum(sizes)] if scope == "global" else sizes, np.int64)
   groups: dict[tuple, list[int]] = {}
-  for i, x in enumerate(leaves):
+  for i, x in enumerate(floats):
     groups.setdefault((x.shape, x.dtype), []).append(i)
-  pieces: dict[str, list[jax.Array]] = {name: [] for name in reducers}
-  order: list[int] = []
-
-  def per_member(values: jax.Array, members: list[int], ndim: int) -> jax.Array:
-    # One scope for the whole batch is a scalar; several are gathered at once.
-    scopes = sorted({owner[i] for i in members})
-    if len(scopes) == 1:
-      return values[scopes[0]]
-    column = (len(members),) + (1,) * (ndim - 1)
-    return values[np.asarray([owner[i] for i in members])].reshape(column)
-
+  batches = []
   for idx in groups.values():
-    if len(idx) > 1 and leaves[idx[0]].size <= stack_limit:
-      chunks = [idx[k : k + STACK_GROUP] for k in range(0, len(idx), STACK_GROUP)]
-      batches = [
-        (c, jnp.stack([leaves[i] for i in c]) if len(c) > 1 else leaves[c[0]][None]) for c in chunks
-      ]
+    if floats[idx[0]].size <= STACK_LIMIT:
+      batches += [tuple(idx[k : k + STACK_GROUP]) for k in range(0, len(idx), STACK_GROUP)]
     else:
-      batches = [([i], leaves[i][None]) for i in idx]
-    for members, y in batches:
-      y = y.astype(acc)
-      if scale is not None:
-        y = y * per_member(scale, members, y.ndim)
-      a = 0.0 if shift is None else per_member(shift, members, y.ndim)
-      axes = tuple(range(1, y.ndim))
-      if len(members) == 1:
-        for name, (fn, red) in reducers.items():
-          pieces[name].append(red(fn(y, a), axis=axes))
-      else:
-        # Reducers of one kind reduce together, as one [R, k, ...] array;
-        # reduced one by one, XLA would split each back into per-leaf kernels.
-        for red in dict.fromkeys(r for _, r in reducers.values()):
-          names = [n for n, (_, r) in reducers.items() if r is red]
-          stacked = jnp.stack([reducers[n][0](y, a) for n in names])
-          values = red(stacked, axis=tuple(d + 1 for d in axes))
-          for r, name in enumerate(names):
-            pieces[name].append(values[r])
-      order.extend(members)
+      batches += [(i,) for i in idx]
+  return Plan(acc_dtype(floats), scope, owner, n, _weights(axes), axes, tuple(batches))
+
+
+def _stacked(floats: Sequence[jax.Array], plan: Plan) -> list[jax.Array]:
+  """Each batch as one array [members, *shape] in the accumulation dtype."""
+  return [
+    (jnp.stack([floats[i] for i in b]) if len(b) > 1 else floats[b[0]][None]).astype(plan.acc)
+    for b in plan.batches
+  ]
+
+
+def _column(values: jax.Array, members: Sequence[int], plan: Plan, ndim: int) -> jax.Array:
+  """Per-scope values [S] (or one scalar for all) at the scopes of a batch's
+  members, shaped to broadcast against the batch."""
+  if values.ndim == 0:
+    return values
+  scopes = plan.owner[np.asarray(members)]
+  if np.all(scopes == scopes[0]):
+    return values[int(scopes[0])]
+  return values[scopes].reshape((len(members),) + (1,) * (ndim - 1))
+
+
+def _per_leaf(
+  stacked: Sequence[jax.Array],
+  plan: Plan,
+  reducer: Callable[[jax.Array, Sequence[int]], jax.Array],
+) -> jax.Array:
+  """``reducer(batch, members)`` ([..., members] per batch) as [..., L] in leaf order."""
+  order = [i for b in plan.batches for i in b]
+  pieces = [reducer(y, b) for y, b in zip(stacked, plan.batches, strict=True)]
+  out = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
   perm = np.argsort(order)
-  identity = bool(np.all(perm == np.arange(len(order))))
-  out = {}
-  for name, vecs in pieces.items():
-    vec = jnp.concatenate(vecs) if len(vecs) > 1 else vecs[0]
-    out[name] = vec if identity else vec[perm]
-  return out
+  return out if np.all(perm == np.arange(len(order))) else out[..., perm]
+
+
+def _sum_over(y: jax.Array, extra: int = 0) -> jax.Array:
+  """Sums each member of a batch (axis ``extra``) over its elements."""
+  return jnp.sum(y, axis=tuple(range(extra + 1, y.ndim)))
+
+
+def _max_abs_over(y: jax.Array) -> jax.Array:
+  """The largest magnitude of each member of a batch (0 for an empty one)."""
+  return jnp.max(jnp.abs(y), axis=tuple(range(1, y.ndim)), initial=0)
+
+
+def _scope_sum(per_leaf: jax.Array, plan: Plan) -> jax.Array:
+  """Per-leaf partials [..., L] summed per scope: [..., S]."""
+  return jnp.sum(per_leaf, axis=-1, keepdims=True) if plan.scope == "global" else per_leaf
+
+
+def _scope_max(per_leaf: jax.Array, plan: Plan) -> jax.Array:
+  return jnp.max(per_leaf, axis=-1, keepdims=True) if plan.scope == "global" else per_leaf
+
+
+def _combine(sums: dict[str, jax.Array], maxes: dict[str, jax.Array], plan: Plan):
+  """Per-leaf partials of this device's shards, weighted and combined over
+  the devices: sums by one psum, maxima by one pmax."""
+  if plan.weights is not None:
+    sums = {k: v * plan.weights.astype(v.dtype) for k, v in sums.items()}
+  return _allreduce(sums, lax.psum, plan.axes), _allreduce(maxes, lax.pmax, plan.axes)
+
+
+# --------------------------------------------------------------------------
+# Norms
+
+
+def _scalable(k: jax.Array, dtype: np.dtype) -> jax.Array:
+  """``k`` clamped to where ``2**-k`` is a normal number of ``dtype``."""
+  info = jnp.finfo(dtype)
+  return jnp.clip(k, 1 - info.maxexp, -info.minexp).astype(jnp.int32)
+
+
+class Hint(NamedTuple):
+  """What the previous step tells the next: its norm's power of two, and
+  (for moments) its mean, in units of that power."""
+
+  k: jax.Array  # int32 (): read the leaves as x * 2**-k
+  anchor: jax.Array | None = None  # the previous mean, times 2**-k
+
+
+def hint_from(
+  norm: ArrayLike | None,
+  acc: np.dtype = _F32,
+  mean: ArrayLike | None = None,
+  std: ArrayLike | None = None,
+) -> Hint:
+  """The :class:`Hint` from the previous step's float32 norm (and moments).
+
+  Nothing known (``None``, 0 or NaN) reads the leaves unscaled. The previous
+  mean becomes the anchor only where it dwarfs the spread (``|mean| > std``):
+  otherwise summing about 0 loses nothing, and gives the sum of squares
+  directly.
+  """
+  if norm is None:
+    return Hint(jnp.zeros((), jnp.int32))
+  norm = lax.stop_gradient(jnp.asarray(norm, jnp.float32))
+  center = _HINT_CENTER[acc]
+  top = jnp.finfo(jnp.float32).maxexp
+  k = jnp.where(jnp.isinf(norm), top - center, jnp.where(norm > 0, exponent(norm) - center, 0))
+  k = _scalable(jnp.where(jnp.isnan(norm), 0, k), acc)
+  if mean is None:
+    return Hint(k)
+  mean, std = (lax.stop_gradient(jnp.asarray(v, acc)) for v in (mean, std))
+  anchor = jnp.where(jnp.abs(mean) > std, mean, 0) * exp2(-k, acc)
+  return Hint(k, jnp.where(jnp.isfinite(anchor), anchor, 0))
+
+
+class Sums(NamedTuple):
+  """Per-leaf partial norms, each leaf's in units of its scope's ``2**e``."""
+
+  sumsq: jax.Array  # [L]: sum((x * 2**-e)**2)
+  e: jax.Array  # int32 [L]
+  sumabs: jax.Array | None = None  # [L]: sum(|x * 2**-e|)
+  amax: jax.Array | None = None  # [L]: max |x|, unscaled
+
+  def per_scope(self, plan: Plan) -> Sums:
+    """The same sums per scope ([S]); a scope's leaves share one ``e``."""
+    e = self.e if plan.scope == "leaf" else self.e[:1]
+    return Sums(
+      _scope_sum(self.sumsq, plan),
+      e,
+      None if self.sumabs is None else _scope_sum(self.sumabs, plan),
+      None if self.amax is None else _scope_max(self.amax, plan),
+    )
+
+
+def _trusted(sumsq: jax.Array, acc: np.dtype) -> jax.Array:
+  """Whether sums of squares lost nothing to overflow or underflow."""
+  return jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
+
+
+def _squares_always_fit(floats: Sequence[jax.Array]) -> bool:
+  """float16 squares, summed in float32, can neither overflow nor underflow:
+  65504**2 * 2**31 is below float32's maximum, and 2**-48 above its minimum."""
+  return all(x.dtype == jnp.float16 for x in floats)
+
+
+def _scaled_sums(stacked, plan: Plan, k: jax.Array, *, l1: bool, linf: bool) -> Sums:
+  """One read of every leaf: the sums of ``x * 2**-k`` per leaf, ``k`` per
+  scope [S] or one scalar for all."""
+  k = _scalable(k, plan.acc)
+  scale = exp2(-k, plan.acc)
+
+  def reducer(y, members):
+    y = y * _column(scale, members, plan, y.ndim)
+    out = [_sum_over(jnp.square(y))]
+    if l1:
+      out.append(_sum_over(jnp.abs(y)))
+    return jnp.stack(out)
+
+  sums = {"sums": _per_leaf(stacked, plan, reducer)}
+  maxes = {"amax": _per_leaf(stacked, plan, lambda y, _: _max_abs_over(y))} if linf else {}
+  sums, maxes = _combine(sums, maxes, plan)
+  e = (k if k.ndim == 0 else k[plan.owner]).astype(jnp.int32)
+  e = jnp.broadcast_to(e, sums["sums"].shape[-1:])
+  return Sums(sums["sums"][0], e, sums["sums"][1] if l1 else None, maxes.get("amax"))
+
+
+def _exact_sums(stacked, plan: Plan, *, l1: bool, linf: bool) -> Sums:
+  """Two reads: each scope's largest magnitude, whose power of two then
+  scales every element of the scope to at most 1 for the sums."""
+  amax = _per_leaf(stacked, plan, lambda y, _: _max_abs_over(y))
+  amax = _combine({}, {"amax": amax}, plan)[1]["amax"]
+  e_scope = exponent(_scope_max(amax, plan))  # scaled, every element is below 1
+  sums = _scaled_sums(stacked, plan, e_scope, l1=l1, linf=False)
+  return sums._replace(amax=amax if linf else None)
+
+
+def _selected_sums(stacked, plan: Plan, *, l1: bool, linf: bool) -> Sums:
+  """One read into three candidate sums per leaf (unscaled, scaled down and
+  up), stacked into one reduction; per scope, the candidate in range wins."""
+  ks = jnp.asarray(_CANDIDATES[plan.acc], jnp.int32)
+  # Not a constant: XLA would fold square(y * 2**75) of one element into
+  # y**2 * 2**150, which overflows.
+  ks = lax.optimization_barrier(ks)
+  scales = exp2(-ks, plan.acc)
+
+  def reducer(y, members):
+    rows = [jnp.square(y * c) for c in scales]
+    if l1:
+      rows += [jnp.abs(y * c) for c in scales]
+    return _sum_over(jnp.stack(rows), extra=1)
+
+  sums = {"sums": _per_leaf(stacked, plan, reducer)}
+  maxes = {"amax": _per_leaf(stacked, plan, lambda y, _: _max_abs_over(y))} if linf else {}
+  sums, maxes = _combine(sums, maxes, plan)
+  cands = sums["sums"]  # [3 or 6, L]
+  sumsq = _scope_sum(cands[:3], plan)  # [3, S]
+  in_range = _trusted(sumsq[0], plan.acc) | (plan.n == 0)
+  pick = jnp.where(in_range, 0, jnp.where(jnp.isfinite(sumsq[0]), 2, 1))
+  pick = pick[plan.owner]  # per leaf
+  choose = lambda c: jnp.take_along_axis(c, pick[None], axis=0)[0]  # noqa: E731
+  return Sums(choose(cands[:3]), ks[pick], choose(cands[3:]) if l1 else None, maxes.get("amax"))
+
+
+def _branched_sums(stacked, plan: Plan, k: jax.Array, *, l1: bool, linf: bool) -> Sums:
+  """The hinted sums, and a rescue under ``lax.cond`` where they failed."""
+  fast = _scaled_sums(stacked, plan, k, l1=l1, linf=linf)
+  ok = jnp.all(_trusted(fast.per_scope(plan).sumsq, plan.acc) | (plan.n == 0))
+
+  def rescue(stacked):
+    exact = _exact_sums(stacked, plan, l1=l1, linf=False)
+    return exact._replace(amax=fast.amax)
+
+  return lax.cond(ok, lambda _: fast, rescue, stacked)
+
+
+def _strategy() -> str:
+  if RESCALING not in ("auto", "branch", "select"):
+    raise ValueError(f"RESCALING must be 'auto', 'branch' or 'select', got {RESCALING!r}")
+  return RESCALING
+
+
+def norm_sums(
+  floats: Sequence[jax.Array], plan: Plan, h: Hint | None, *, l1: bool = False, linf: bool = False
+) -> Sums:
+  """Per-leaf partial norms of ``floats``, exact over the whole float range."""
+  stacked = _stacked(floats, plan)
+  if _squares_always_fit(floats):
+    return _scaled_sums(stacked, plan, jnp.zeros((), jnp.int32), l1=l1, linf=linf)
+  k = (h or hint_from(None)).k
+
+  def branching(stacked):
+    return _branched_sums(stacked, plan, k, l1=l1, linf=linf)
+
+  def selecting(stacked):
+    return _selected_sums(stacked, plan, l1=l1, linf=linf)
+
+  strategy = _strategy()
+  if strategy == "auto":
+    return lax.platform_dependent(stacked, cpu=branching, tpu=branching, default=selecting)
+  return (branching if strategy == "branch" else selecting)(stacked)
+
+
+# --------------------------------------------------------------------------
+# Moments
+
+
+class Moments(NamedTuple):
+  """Mean and centred sum of squares per scope, in units of ``2**e``."""
+
+  mean: jax.Array  # [S], the mean of x * 2**-e
+  m2: jax.Array  # [S], sum((x * 2**-e - mean)**2)
+  sumsq: jax.Array  # [S], sum((x * 2**-e)**2)
+  e: jax.Array  # int32 [S]
+  n: np.ndarray | None  # int64 [S], elements per scope (static)
+  constant: jax.Array  # bool [S], every element equal (exactly)
+
+  def squares(self) -> Pow2:
+    """The sums of squares per scope."""
+    return Pow2(self.sumsq, 2 * self.e)
+
+
+def _anchored_sums(stacked, plan: Plan, scale: jax.Array, shift: jax.Array) -> jax.Array:
+  """Per scope, ``sum(y - a)`` and ``sum((y - a)**2)`` of ``y = x * scale``
+  about the anchor ``a = shift``, each per scope [S] or one scalar: [2, S]."""
+
+  def reducer(y, members):
+    d = y * _column(scale, members, plan, y.ndim) - _column(shift, members, plan, y.ndim)
+    return jnp.stack([_sum_over(d), _sum_over(jnp.square(d))])
+
+  sums, _ = _combine({"d": _per_leaf(stacked, plan, reducer)}, {}, plan)
+  return _scope_sum(sums["d"], plan)
+
+
+def _about(d: jax.Array, anchor: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:
+  """The mean and centred sum of squares from sums ``d`` about ``anchor``."""
+  has = plan.n > 0
+  n = jnp.asarray(np.maximum(plan.n, 1), plan.acc)
+  mean = jnp.where(has, anchor + d[0] / n, 0)
+  return mean, jnp.where(has, jnp.maximum(d[1] - jnp.square(d[0]) / n, 0), 0)
+
+
+def _exact_moments(stacked, plan: Plan) -> Moments:
+  """Three reads. The extremes give an exact power-of-two scale per scope
+  and find constant scopes; the mean and the sum of squares are then summed
+  in range, and the centred sum of squares taken about that mean."""
+
+  def extremes(y, members):
+    axes = tuple(range(1, y.ndim))
+    top = jnp.max(y, axis=axes, initial=-jnp.inf)
+    return jnp.stack([top, jnp.max(-y, axis=axes, initial=-jnp.inf)])
+
+  ext = _combine({}, {"ext": _per_leaf(stacked, plan, extremes)}, plan)[1]["ext"]
+  hi, lo = _scope_max(ext[0], plan), -_scope_max(ext[1], plan)
+  # Clamped so that 2**-e is a normal number: the largest scaled element
+  # then lies in [0.5, 8).
+  lim = jnp.finfo(plan.acc).maxexp - 3
+  e = jnp.clip(exponent(jnp.maximum(hi, -lo)), -lim, lim)
+  scale = exp2(-e, plan.acc)
+  constant = (hi == lo) & (plan.n > 0)
+  plain = _anchored_sums(stacked, plan, scale, jnp.zeros((), plan.acc))
+  first, _ = _about(plain, jnp.zeros_like(hi), plan)
+  anchor = lax.stop_gradient(jnp.where(constant, hi * scale, first))
+  mean, m2 = _about(_anchored_sums(stacked, plan, scale, anchor), anchor, plan)
+  return Moments(mean, jnp.where(constant, 0, m2), plain[1], e, None, constant)
+
+
+def moment_sums(floats: Sequence[jax.Array], plan: Plan, h: Hint | None) -> Moments:
+  """Mean, centred and plain sums of squares per scope. The common case
+  reads once, about the hint's anchor; a scope whose one-pass variance
+  cancels, or whose sums left the range, is read again under ``lax.cond``.
+
+  With no anchor the sum of squares is summed directly; about an anchor
+  (given where the mean dwarfs the spread) it is ``m2 + n * mean**2``,
+  whose terms are then accurate.
+  """
+  h = h or hint_from(None)
+  stacked = _stacked(floats, plan)
+  anchor = jnp.zeros((), plan.acc) if h.anchor is None else h.anchor.astype(plan.acc)
+  d = _anchored_sums(stacked, plan, exp2(-h.k, plan.acc), anchor)
+  mean, m2 = _about(d, anchor, plan)
+  n = jnp.asarray(plan.n, plan.acc)
+  sumsq = jnp.where(anchor == 0, d[1], m2 + n * jnp.square(mean))
+  none = jnp.zeros(mean.shape, bool)
+  fast = Moments(mean, m2, sumsq, jnp.broadcast_to(h.k, none.shape), None, none)
+  ok = (plan.n == 0) | (
+    _trusted(sumsq, plan.acc)
+    & _trusted(d[1], plan.acc)
+    & jnp.isfinite(d[0])
+    & (m2 >= _CANCELLATION * d[1])
+  )
+  # n is static: it stays out of the branches' outputs.
+  out = lax.cond(jnp.all(ok), lambda _: fast, lambda s: _exact_moments(s, plan), stacked)
+  return out._replace(n=plan.n)
+
+
+# --------------------------------------------------------------------------
+# The reduction
+
+
+class Reduction(NamedTuple):
+  """What :func:`reduce` found. Fields not asked for are ``None``."""
+
+  norm: jax.Array  # float32 scalar: global L2 norm of the whole tree
+  l2: Pow2 | None = None  # [S]
+  l1: Pow2 | None = None  # [S]
+  linf: Pow2 | None = None  # [S]
+  moments: Moments | None = None
+  leaf_sumsq: Pow2 | None = None  # [L]: each leaf's sum of squares
+
+
+def _empty(plan_scopes: int, norms: Sequence[str], with_moments: bool) -> Reduction:
+  zero = Pow2(jnp.zeros((plan_scopes,), jnp.float32), jnp.zeros((plan_scopes,), jnp.int32))
+  mom = None
+  if with_moments:
+    z = jnp.zeros((plan_scopes,), jnp.float32)
+    mom = Moments(
+      z, z, z, zero.e, np.zeros((plan_scopes,), np.int64), jnp.zeros((plan_scopes,), bool)
+    )
+  fields = {n: zero for n in norms}
+  return Reduction(jnp.zeros((), jnp.float32), moments=mom, leaf_sumsq=zero, **fields)
 
 
 def reduce(
@@ -395,6 +698,9 @@ def reduce(
   norms: Sequence[str] = (),
   moments: bool = False,
   axes: Axes | None = None,
+  last_norm: ArrayLike | None = None,
+  last_mean: ArrayLike | None = None,
+  last_std: ArrayLike | None = None,
 ) -> Reduction:
   """Reduces the float leaves once, per scope.
 
@@ -405,187 +711,42 @@ def reduce(
     moments: also compute the mean and the centred sum of squares.
     axes: the mesh axes each leaf is partitioned over, inside ``shard_map``
       (from :func:`float_axes`); ``None`` on one device or under plain ``jit``.
+    last_norm: the previous step's global L2 norm (float32), from the
+      transform's state; ``last_mean`` and ``last_std`` its moments. They
+      set the scale (and anchor) of the common one-read case: only speed
+      depends on them, never the result.
 
   Returns:
     A :class:`Reduction`. Its ``norm`` is always the global L2 norm as float32.
   """
   norms = tuple(norms)
   if not floats:
-    zero = Pow2(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
-    mom = None
-    if moments:
-      z = jnp.zeros((0,), jnp.float32)
-      mom = Moments(z, z, zero.e, np.zeros((0,), np.int64), jnp.zeros((0,), bool))
-    return Reduction(
-      jnp.zeros((), jnp.float32),
-      *(zero if n in norms else None for n in NORMS),
-      mom,
-    )
-  acc = acc_dtype(floats)
-  sizes = [
-    x.size * (_axis_size(a) if axes else 1)
-    for x, a in zip(floats, axes.leaf if axes else floats, strict=True)
-  ]
-  weights = _weights(axes)
-  n = np.array([sum(sizes)] if scope == "global" else sizes, np.int64)
-  n_acc = jnp.asarray(n, acc)
-  need_sum = moments
-  need_abs = "l1" in norms
-
-  big, small = _RESCALE[acc]
-  owner = scope_of(floats, scope)
-
-  def fast_pass(leaves, rescaled: bool):
-    """Unscaled sums, read once; with ``rescaled``, also the sums of the
-    leaves times 2**-big and 2**small, which an accelerator computes in the
-    same kernel (sibling reductions of one input fuse there, not on a CPU)."""
-    reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
-    if need_abs:
-      reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
-    if rescaled:
-      for name, k in (("down", -big), ("up", small)):
-        c = 2.0**k
-        reducers[f"sumsq_{name}"] = (lambda y, a, c=c: jnp.square(y * c), jnp.sum)
-        if need_abs:
-          reducers[f"sumabs_{name}"] = (lambda y, a, c=c: jnp.abs(y * c), jnp.sum)
-    if need_sum:
-      reducers["sum"] = (lambda y, a: y, jnp.sum)
-    if "linf" in norms:
-      reducers["amax"] = (lambda y, a: jnp.abs(y), _max_over)
-    fast = _leafwise(leaves, reducers, acc=acc)
-    fast_max = {"amax": _per_scope(fast.pop("amax"), scope, jnp.max)} if "linf" in norms else {}
-    fast = {k: _per_scope(v, scope) for k, v in _weigh(fast, weights).items()}
-    return _allreduce(fast, lax.psum, axes), _allreduce(fast_max, lax.pmax, axes)
-
-  def rescale_exponent(sumsq):
-    # The unscaled sum tells which way to scale, by one power of two.
-    trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
-    return jnp.where(jnp.isfinite(sumsq), jnp.where(trusted, 0, -small), big).astype(jnp.int32)
-
-  def assemble(parts, e, fast_max, extra=None):
-    out = {"sumsq": parts["sumsq"], "e": e}
-    # The global L2 statistic combines the scopes at the largest scale.
-    top = jnp.max(e)
-    a, b = split_exp2(2 * (e - top), acc)
-    out["norm_e"], out["norm_sumsq"] = top, jnp.sum(parts["sumsq"] * a * b)
-    if need_abs:
-      out["sumabs"] = parts["sumabs"]
-    if "linf" in norms:
-      out["amax"] = fast_max["amax"]
-    if moments:
-      anchor, constant = extra
-      out["mean"] = anchor + parts["dsum"] / n_acc
-      out["m2"] = jnp.maximum(parts["dsumsq"] - jnp.square(parts["dsum"]) / n_acc, 0)
-      out["m2"] = jnp.where(constant, 0, out["m2"])
-      out["constant"] = constant
-    return out
-
-  def selecting(leaves):
-    """Norms without a branch: every candidate sum in one pass, then a select."""
-    fast, fast_max = fast_pass(leaves, rescaled=True)
-    e = rescale_exponent(fast["sumsq"])
-    parts = {}
-    for name in ("sumsq", "sumabs") if need_abs else ("sumsq",):
-      parts[name] = jnp.where(
-        e > 0, fast[f"{name}_down"], jnp.where(e < 0, fast[f"{name}_up"], fast[name])
-      )
-    return assemble(parts, e, fast_max)
-
-  def branching(leaves):
-    """The common case reads once; a rarely taken branch re-reads rescaled."""
-    fast, fast_max = fast_pass(leaves, rescaled=False)
-    sumsq = fast["sumsq"]
-    trusted = jnp.isfinite(sumsq) & (sumsq >= _TRUSTED_SUMSQ[acc])
-    ok = jnp.all(trusted) & jnp.isfinite(jnp.sum(sumsq))
-    if moments:
-      fast_m2 = sumsq - jnp.square(fast["sum"]) / n_acc
-      ok &= jnp.all(fast_m2 >= _CANCELLATION * sumsq)
-
-    def fast_branch(_):
-      out = {
-        "sumsq": sumsq,
-        "e": jnp.zeros(sumsq.shape, jnp.int32),
-        "norm_e": jnp.zeros((), jnp.int32),
-        "norm_sumsq": jnp.sum(sumsq),
-      }
-      if need_abs:
-        out["sumabs"] = fast["sumabs"]
-      if "linf" in norms:
-        out["amax"] = fast_max["amax"]
-      if moments:
-        out["mean"] = fast["sum"] / n_acc
-        out["m2"] = jnp.maximum(fast_m2, 0)
-        out["constant"] = jnp.zeros(sumsq.shape, bool)
-      return out
-
-    def slow_branch(leaves):
-      parts, e, extra = (moments_pass if moments else rescaled_pass)(leaves)
-      parts = {k: _per_scope(v, scope) for k, v in _weigh(parts, weights).items()}
-      parts = _allreduce(parts, lax.psum, axes)
-      return assemble(parts, e, fast_max, extra)
-
-    def rescaled_pass(leaves):
-      e = rescale_exponent(sumsq)
-      reducers = {"sumsq": (lambda y, a: jnp.square(y), jnp.sum)}
-      if need_abs:
-        reducers["sumabs"] = (lambda y, a: jnp.abs(y), jnp.sum)
-      parts = _leafwise(
-        leaves, reducers, acc=acc, owner=owner, scale=exp2(-e, acc), stack_limit=np.inf
-      )
-      return parts, e, None
-
-    def moments_pass(leaves):
-      # One pass for the extremes: they give an exact power-of-two scale per
-      # scope, and find constant scopes exactly. A second for the moments,
-      # about an anchor near the mean.
-      extremes = {"hi": (lambda y, a: y, _max_over), "neglo": (lambda y, a: -y, _max_over)}
-      ext = _leafwise(leaves, extremes, acc=acc, stack_limit=np.inf)
-      ext = {k: _per_scope(v, scope, jnp.max) for k, v in ext.items()}
-      ext = _allreduce(ext, lax.pmax, axes)
-      hi, lo = ext["hi"], -ext["neglo"]
-      # Clamped so that 2**-e is a normal number: the largest scaled element
-      # then lies in [0.5, 8).
-      lim = jnp.finfo(acc).maxexp - 3
-      e = jnp.clip(exponent(jnp.maximum(hi, -lo)), -lim, lim)
-      constant = hi == lo
-      fast_mean = fast["sum"] / n_acc
-      anchor = jnp.where(jnp.isfinite(fast_mean), fast_mean, hi / 2 + lo / 2)
-      anchor = lax.stop_gradient(jnp.where(constant, hi, anchor) * exp2(-e, acc))
-      reducers = {
-        "sumsq": (lambda y, a: jnp.square(y), jnp.sum),
-        "dsum": (lambda y, a: y - a, jnp.sum),
-        "dsumsq": (lambda y, a: jnp.square(y - a), jnp.sum),
-      }
-      parts = _leafwise(
-        leaves,
-        reducers,
-        acc=acc,
-        owner=owner,
-        scale=exp2(-e, acc),
-        shift=anchor,
-        stack_limit=np.inf,
-      )
-      return parts, e, (anchor, constant)
-
-    return lax.cond(ok, fast_branch, slow_branch, leaves)
-
-  strategy = "branch" if moments else RESCALING
-  if strategy == "auto":
-    res = lax.platform_dependent(list(floats), cpu=branching, default=selecting)
-  else:
-    res = (branching if strategy == "branch" else selecting)(list(floats))
-  e = res["e"]
-  norm = Pow2(safe_sqrt(res["norm_sumsq"])[None], res["norm_e"][None]).to_float32()[0]
-  out = Reduction(norm=norm)
-  if "l2" in norms:
-    out = out._replace(l2=Pow2(safe_sqrt(res["sumsq"]), e))
-  if "l1" in norms:
-    out = out._replace(l1=Pow2(res["sumabs"], e))
-  if "linf" in norms:
-    out = out._replace(linf=Pow2(res["amax"], jnp.zeros_like(e)))
+    return _empty(1 if scope == "global" else 0, norms, moments)
+  plan = make_plan(floats, scope, axes)
+  h = hint_from(last_norm, plan.acc, last_mean, last_std)
   if moments:
-    out = out._replace(moments=Moments(res["mean"], res["m2"], e, n, res["constant"]))
+    mom = moment_sums(floats, plan, h)
+    return Reduction(norm=_norm_statistic(mom.squares()), moments=mom)
+  sums = norm_sums(floats, plan, h, l1="l1" in norms, linf="linf" in norms)
+  scoped = sums.per_scope(plan)
+  squares = Pow2(scoped.sumsq, 2 * scoped.e)
+  out = Reduction(norm=_norm_statistic(squares), leaf_sumsq=Pow2(sums.sumsq, 2 * sums.e))
+  if "l2" in norms:
+    out = out._replace(l2=squares.sqrt())
+  if "l1" in norms:
+    out = out._replace(l1=Pow2(scoped.sumabs, scoped.e))
+  if "linf" in norms:
+    out = out._replace(linf=Pow2(scoped.amax, jnp.zeros_like(scoped.e)))
   return out
+
+
+def _norm_statistic(squares: Pow2) -> jax.Array:
+  """The global L2 norm, as float32, from the sums of squares of the scopes."""
+  return squares.total().sqrt().to_float32()
+
+
+# --------------------------------------------------------------------------
+# Applying per-scope factors
 
 
 def reciprocal_pow2(k: jax.Array, valid: jax.Array, dtype: np.dtype) -> jax.Array:
@@ -615,7 +776,8 @@ def apply(
     per_scope = (ordered_after(per_scope[0], *after), *per_scope[1:])
   factors: dict[int, list[jax.Array]] = {}
   out = []
-  for x, s in zip(floats, scope_of(floats, scope), strict=True):
+  owner = [0] * len(floats) if scope == "global" else range(len(floats))
+  for x, s in zip(floats, owner, strict=True):
     if s not in factors:
       factors[s] = [v[s] for v in per_scope]
     out.append(fn(x.astype(acc), *factors[s]).astype(x.dtype))
@@ -638,84 +800,123 @@ def ordered_after(x: jax.Array, *stats: jax.Array) -> jax.Array:
   return x - zero.astype(x.dtype)
 
 
-def scale_factors(
-  value: Pow2, target: ArrayLike, clip: bool
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Two factors per scope whose product is ``target / value``.
+class Factors(NamedTuple):
+  """Per scope, two factors whose product is the rescaling, and where it applies."""
 
-  Multiplying a leaf by the first and then the second keeps every
-  intermediate in range even when ``value`` exceeds the dtype.
+  s1: jax.Array  # [S]
+  s2: jax.Array  # [S]
+
+
+def scale_factors(value: Pow2, target: ArrayLike, clip: bool) -> tuple[Factors, jax.Array]:
+  """The factors per scope that rescale norm ``value`` to ``target``.
+
+  The exponent of ``target / value`` is split evenly between the factors, so
+  that ``x * s1`` lies between ``x`` and the result: nothing overflows or
+  underflows on the way, even when ``value`` exceeds the dtype.
 
   Args:
     value: the norm per scope.
     target: the norm to rescale to (``max_norm``, or 1).
     clip: rescale only where ``value > target``; elsewhere both factors are
-      exactly 1, so the leaf is returned bitwise unchanged.
+      exactly 1, and :func:`rescale` returns the leaf bitwise unchanged.
 
   Returns:
-    ``(s1, s2, active)``, each of shape [S]: the factors, and where they
-    rescale. Where ``value`` is not finite the factors are NaN, so the whole
-    scope becomes NaN.
+    ``(factors, active)``: the :class:`Factors`, and where they rescale a
+    finite norm, each of shape [S]. Where ``value`` is not finite both
+    factors are NaN, so the whole scope becomes NaN.
   """
   dtype = value.m.dtype
   v = value.normalized()  # v.m in [0.5, 1), or 0, inf, NaN
   target = jnp.asarray(target, dtype)
   t_m, t_e = jnp.frexp(target)
-  positive = v.m > 0
   finite = jnp.isfinite(v.m)
   if clip:
     above = (v.e > t_e) | ((v.e == t_e) & (v.m > t_m)) | (target == 0)
-    active = positive & above & jnp.isfinite(target)
+    active = (v.m > 0) & above & jnp.isfinite(target)
   else:
-    active = positive
-  # value = v.m * 2**v.e, so target / value = (target / 2 / v.m) * 2**(1 - v.e).
-  k1 = jnp.where(active, (1 - v.e) // 2, 0)
-  k2 = jnp.where(active, (1 - v.e) - k1, 0)
-  nan = jnp.asarray(jnp.nan, dtype)
-  # Both factors end in a divide, which XLA computes once for all leaves.
+    active = v.m > 0
+  # target / value = (t_m / v.m) * 2**(t_e - v.e), the exponent split in two.
+  d = jnp.where(active, t_e - v.e, 0)
+  k1 = d // 2
   s1 = reciprocal_pow2(-k1, finite, dtype)
-  numerator = jnp.where(active, target / 2 * exp2(k2, dtype), 1)
-  s2 = jnp.where(finite, numerator, nan) / jnp.where(active, v.m, 1)
-  return s1, s2, active
+  numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
+  # Both factors end in a divide, which XLA computes once for all leaves.
+  s2 = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
+  return Factors(s1, s2), active & finite
+
+
+def rescale(
+  floats: Sequence[jax.Array], scope: Scope, f: Factors, *, after: Sequence[jax.Array] = ()
+) -> list[jax.Array]:
+  """Each leaf times its scope's factors; a leaf whose factors are both 1 is
+  returned bitwise unchanged (subnormal elements included)."""
+
+  def scaled(x, s1, s2):
+    return jnp.where((s1 == 1) & (s2 == 1), x, x * s1 * s2)
+
+  return apply(floats, scope, scaled, f.s1, f.s2, after=after)
 
 
 def fraction_outside(
-  floats: Sequence[jax.Array], lower: jax.Array, upper: jax.Array, *, axes: Axes | None = None
+  floats: Sequence[jax.Array],
+  lower: jax.Array,
+  upper: jax.Array,
+  *,
+  axes: Axes | None = None,
 ) -> jax.Array:
   """The float32 fraction of all float elements outside ``[lower, upper]``.
 
-  NaN elements make it NaN. Each element's excess ``max(x - upper, lower - x, 0)``
-  is scaled so that the smallest possible excess, half an ulp of the smaller
-  bound, reaches 1, and capped at 1: a count built from ``max``, ``min`` and a
-  multiply, which XLA reduces several times faster than comparisons.
+  NaN elements make it NaN; an infinite bound clamps nothing, so ``inf``
+  against an upper bound of ``inf`` is inside. No elements: 0. Each element's
+  excess over a bound is taken with both scaled by a power of two that lifts
+  the bound's half-ulp, the smallest possible excess, to at least 1: the
+  difference then neither rounds nor flushes to zero. Capped at 1, the
+  excesses sum to the count: ``max``, ``min`` and multiplies, which XLA
+  reduces faster than comparisons.
   """
-  if not floats:
+  plan = make_plan(floats, "global", axes)
+  if not floats or plan.n[0] == 0:
     return jnp.zeros((), jnp.float32)
-  acc = acc_dtype(floats)
+  acc, info = plan.acc, jnp.finfo(plan.acc)
   lower, upper = jnp.asarray(lower, acc), jnp.asarray(upper, acc)
-  info = jnp.finfo(acc)
-
-  def binade(bound):
-    return jnp.where(bound == 0, info.minexp, exponent(jnp.abs(bound)))
-
-  k = jnp.clip(info.nmant + 2 - jnp.minimum(binade(lower), binade(upper)), 0, info.maxexp - 1)
-  unit = exp2(k, acc)
+  above = _excess_over(jnp.clip(upper, -info.max, info.max), acc)
+  below = _excess_over(-jnp.clip(lower, -info.max, info.max), acc)
+  # An infinite bound caps the elements at the largest finite number first:
+  # inf - inf never happens, and nothing exceeds it.
+  cap_hi = jnp.where(jnp.isposinf(upper), info.max, jnp.inf).astype(acc)
+  cap_lo = jnp.where(jnp.isneginf(lower), -info.max, -jnp.inf).astype(acc)
   # With concrete bounds XLA would fold these into constants and then write a
   # full-size broadcast of them for the reduction kernel; the barrier keeps
   # them scalars.
-  lower, upper, unit = lax.optimization_barrier((lower, upper, unit))
+  above, below, cap_hi, cap_lo = lax.optimization_barrier((above, below, cap_hi, cap_lo))
 
-  def clipped(y, a):
-    return jnp.minimum(jnp.maximum(jnp.maximum(y - upper, lower - y), 0) * unit, 1)
+  def counted(y, members):
+    over = above(jnp.minimum(y, cap_hi))
+    under = below(-jnp.maximum(y, cap_lo))
+    return _sum_over(jnp.minimum(jnp.maximum(jnp.maximum(over, under), 0), 1))
 
-  counts = _leafwise(floats, {"count": (clipped, jnp.sum)}, acc=acc)
-  total = jnp.sum(_weigh(counts, _weights(axes))["count"]).astype(jnp.float32)
-  total = _allreduce({"count": total}, lax.psum, axes)["count"]
-  sizes = [
-    x.size * (_axis_size(a) if axes else 1)
-    for x, a in zip(floats, axes.leaf if axes else floats, strict=True)
-  ]
-  return total / sum(sizes)
+  counts = _per_leaf(_stacked(floats, plan), plan, counted)
+  counts = _combine({"count": counts}, {}, plan)[0]["count"]
+  return (jnp.sum(counts) / plan.n[0]).astype(jnp.float32)
+
+
+class _Excess(NamedTuple):
+  """``x -> (x - bound) * u`` for a finite bound, with ``u = u1 * u2`` a power
+  of two beyond one float's range, and ``bound * u`` precomputed."""
+
+  u1: jax.Array
+  u2: jax.Array
+  bound_u: jax.Array
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.u1 * self.u2 - self.bound_u
+
+
+def _excess_over(bound: jax.Array, acc: np.dtype) -> _Excess:
+  info = jnp.finfo(acc)
+  binade = jnp.where(bound == 0, info.minexp, exponent(jnp.abs(bound)))
+  u1, u2 = split_exp2(info.nmant + 2 - binade, acc)
+  return _Excess(u1, u2, bound * u1 * u2)
 
 
 def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) -> jax.Array:
@@ -726,7 +927,7 @@ def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) 
   overflow or underflow, so 1000 bfloat16 leaves of norm 1 give 31.62 and
   float16 leaves of 300 give the right norm. Where the true norm exceeds the
   float32 range the result is inf. ``None``, integer and ``float0`` leaves do
-  not count.
+  not count; empty leaves count as zeros.
 
   Args:
     tree: a pytree of arrays.

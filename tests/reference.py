@@ -42,12 +42,20 @@ def norms(leaves, ord, scope):
   return out
 
 
+def times_ratio(x, num, den):
+  """``x * num / den`` with one rounding of each mantissa and no intermediate
+  over- or underflow: in float64, ``num / den`` alone can be subnormal."""
+  xm, xe = np.frexp(np.asarray(x, np.float64))
+  nm, ne = np.frexp(num)
+  dm, de = np.frexp(den)
+  return np.ldexp(xm * nm / dm, xe + ne - de)
+
+
 def clip_by_norm(leaves, max_norm, ord="l2", scope="global"):
   out = [None] * len(leaves)
   for n, idx in norms(leaves, ord, scope):
-    factor = max_norm / n if n > max_norm else 1.0
     for i in idx:
-      out[i] = leaves[i] * factor
+      out[i] = times_ratio(leaves[i], max_norm, n) if n > max_norm else leaves[i]
   return out
 
 
@@ -55,7 +63,7 @@ def unit_rescale(leaves, ord="l2", scope="global"):
   out = [None] * len(leaves)
   for n, idx in norms(leaves, ord, scope):
     for i in idx:
-      out[i] = leaves[i] / n if n > 0 else leaves[i] * 0.0
+      out[i] = times_ratio(leaves[i], 1.0, n) if n > 0 else leaves[i] * 0.0
   return out
 
 
@@ -63,7 +71,11 @@ def zscore(leaves, scope="global", ddof=0):
   """(x - mean) / std per scope, two-pass in float64 on values scaled by their maximum."""
   out = [None] * len(leaves)
   for idx in scopes(leaves, scope):
-    vec = np.concatenate([leaves[i].ravel() for i in idx])
+    vec = np.concatenate([leaves[i].ravel() for i in idx] + [np.zeros(0)])
+    if vec.size <= ddof:  # no elements: nothing to standardize
+      for i in idx:
+        out[i] = leaves[i] * 0.0
+      continue
     a = np.max(np.abs(vec)) if vec.size else 0.0
     a = a if a > 0 else 1.0
     mean = np.mean(vec / a)
@@ -74,8 +86,13 @@ def zscore(leaves, scope="global", ddof=0):
 
 
 def zscore_moments(leaves, ddof=0):
-  vec = np.concatenate([x.ravel() for x in leaves])
-  return float(np.mean(vec)), float(np.std(vec, ddof=ddof))
+  """Mean and std of all elements; 0 and 0 for no elements."""
+  vec = np.concatenate([x.ravel() for x in leaves] + [np.zeros(0)])
+  if vec.size == 0:
+    return 0.0, 0.0
+  a = np.max(np.abs(vec))
+  a = a if a > 0 else 1.0
+  return float(np.mean(vec / a) * a), float(np.std(vec / a, ddof=ddof) * a)
 
 
 def clip_by_value(leaves, lo, hi):

@@ -1,4 +1,9 @@
-"""One invariant suite over every public transform: jit, dtypes, state, composition."""
+"""One invariant suite over every public transform: jit, dtypes, state, composition.
+
+The tests that reduce run with both reduction strategies (the ``strategy``
+fixture); the composition tests, whose reductions are the same, with the
+platform's own.
+"""
 
 import flax.linen as nn
 import jax
@@ -62,6 +67,7 @@ def same_structure(a, b):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_jit_matches_eager(name):
   tx = CASES[name].make()
   g = grads()
@@ -71,6 +77,7 @@ def test_jit_matches_eager(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_donated_gradient_is_updated_in_place(name):
   """Every reduction that reads a donated gradient runs before the update that
   overwrites it, so the compiled program holds no full-size copy of it."""
@@ -87,6 +94,7 @@ def test_donated_gradient_is_updated_in_place(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_dtypes_shapes_and_non_float_leaves_preserved(name):
   tx = CASES[name].make()
   g = mixed_tree()
@@ -101,6 +109,7 @@ def test_dtypes_shapes_and_non_float_leaves_preserved(name):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.usefixtures("strategy")
 def test_state_is_fixed_and_scannable(name, dtype):
   tx = CASES[name].make()
   g = jax.tree.map(lambda x: x.astype(dtype), grads())
@@ -121,6 +130,7 @@ def test_state_is_fixed_and_scannable(name, dtype):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_inject_hyperparams(name):
   case = CASES[name]
   tx = optax.inject_hyperparams(case.factory, static_args=case.static)(**case.kwargs)
@@ -131,6 +141,7 @@ def test_inject_hyperparams(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_masked(name):
   case = CASES[name]
   g = grads()
@@ -145,6 +156,7 @@ def test_masked(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_multisteps(name):
   tx = optax.MultiSteps(optax.chain(CASES[name].make(), optax.sgd(0.1)), every_k_schedule=2)
   g = grads()
@@ -162,6 +174,7 @@ def test_multisteps(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_apply_if_finite(name):
   tx = optax.apply_if_finite(
     optax.chain(CASES[name].make(), optax.sgd(0.1)), max_consecutive_errors=3
@@ -210,6 +223,7 @@ def test_chain_equals_sequential(name, opt):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("strategy")
 def test_empty_tree_is_a_no_op(name):
   tx = CASES[name].make()
   out, state = jax.jit(tx.update)({}, tx.init({}))
