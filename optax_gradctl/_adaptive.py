@@ -24,12 +24,12 @@ ZCLIP_MODES = ("adaptive", "mean", "percentile")
 # --------------------------------------------------------------------------- shared steps
 
 
-def _measure(updates: Any, axis_name: Any, last_norm: jax.Array):
+def _measure(updates: Any, axis_name: Any):
   """The float leaves, the global L2 norm (exact, and as the float32 statistic),
   and whether the gradient is finite."""
   floats, rebuild = _reduce.split_floats(updates)
   axes = _reduce.float_axes(axis_name, updates)
-  red = _reduce.reduce(floats, norms=("l2",), axes=axes, last_norm=last_norm)
+  red = _reduce.reduce(floats, norms=("l2",), axes=axes)
   return floats, rebuild, red.l2, red.norm, jnp.all(jnp.isfinite(red.l2.m))
 
 
@@ -210,7 +210,7 @@ def zclip(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild, l2, norm, finite = _measure(updates, axis_name, state.norm)
+    floats, rebuild, l2, norm, finite = _measure(updates, axis_name)
     ema = state.ema
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
@@ -333,7 +333,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild, l2, norm, finite = _measure(updates, axis_name, state.norm)
+    floats, rebuild, l2, norm, finite = _measure(updates, axis_name)
     enter = finite  # an overflowing norm of a finite gradient enters as +inf
     buffer = state.history
     n = buffer.shape[0]  # read from the state, never from a traced argument
@@ -454,7 +454,7 @@ def skip_on_spike(
     )
 
   def update_fn(updates, state, params=None):
-    _, _, _, norm, finite = _measure(updates, axis_name, state.norm)
+    _, _, _, norm, finite = _measure(updates, axis_name)
     ema = state.ema
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)

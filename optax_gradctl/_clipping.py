@@ -91,7 +91,7 @@ def clip_by_value(
     if not stats:
       return rebuild(_reduce.apply(floats, "global", jnp.clip, lower[None], upper[None])), state
     axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(floats, axes=axes, last_norm=_stats.previous(state, "norm"))
+    red = _reduce.reduce(floats, axes=axes)
     fraction = _reduce.fraction_outside(floats, lower, upper, axes=axes)
     clamped = _reduce.apply(
       floats, "global", jnp.clip, lower[None], upper[None], after=(red.norm, fraction)
@@ -217,9 +217,7 @@ def _clip_by_norm(
     del params
     floats, rebuild = _reduce.split_floats(updates)
     axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(
-      floats, scope=scope, norms=(norm,), axes=axes, last_norm=_stats.previous(state, "norm")
-    )
+    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axes=axes)
     factors, clipped = _reduce.scale_factors(getattr(red, norm), max_norm, clip=True)
     out = _reduce.rescale(floats, scope, factors, after=(red.norm,))
     fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()

@@ -62,9 +62,7 @@ def unit_rescale(
     del params
     floats, rebuild = _reduce.split_floats(updates)
     axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(
-      floats, scope=scope, norms=(norm,), axes=axes, last_norm=_stats.previous(state, "norm")
-    )
+    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axes=axes)
     factors, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
     out = _reduce.rescale(floats, scope, factors, after=(red.norm,))
     return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
@@ -132,9 +130,6 @@ def zscore(
       scope=scope,
       moments=True,
       axes=_reduce.float_axes(axis_name, updates),
-      last_norm=_stats.previous(state, "norm"),
-      last_mean=_stats.previous(state, "mean"),
-      last_std=_stats.previous(state, "std"),
     )
     mom = red.moments
     dof = _degrees_of_freedom(mom.n, ddof, owner).astype(mom.m2.dtype)

@@ -14,16 +14,14 @@ through it once per step:
    dtype.
 
 Numerics. Sums accumulate in at least float32 (float64 leaves in float64).
-The common case is one read of each leaf, the work of a plain clip: sums of
-``(x * 2**-k)**2``, where the power of two ``k`` comes from the previous
-step's norm (the *hint*, which every transform keeps in its state) and puts
-the sum of squares mid-range. Float16 leaves need no scale at all: their
-squares always fit in float32. Where the sums show that a square overflowed
-or underflowed (a first step far from 1, or a norm that moved by more than
-about 2**47 in one step), a *rescue* finds each scope's exact power-of-two
-scale from its largest element and sums again. Results are carried as
-``m * 2**e`` so that a norm larger than the float32 range still clips to the
-right value.
+The common case is what a plain clip does: one read of each leaf, summing
+its squares, with nothing else in the kernel (on a CPU each extra operation
+in a reduction kernel costs as much as the read). Float16 leaves never need
+more: their squares always fit in float32. Where the sums show that a square
+overflowed or underflowed (norms beyond about 2**64 or below 2**-30), a
+*rescue* finds each scope's exact power-of-two scale from its largest
+element and sums again. Results are carried as ``m * 2**e`` so that a norm
+larger than the float32 range still clips to the right value.
 
 How the rescue runs depends on the platform (:data:`RESCALING`). On a CPU or
 TPU it is a ``lax.cond`` that is taken only when needed; a GPU pays for a
@@ -62,9 +60,6 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 # they weigh less than 2**-26 of the total for up to 2**40 elements (float64:
 # 2**-500 against 2**-1022).
 _TRUSTED_SUMSQ = {_F32: 2.0**-60, _F64: 2.0**-500}
-# The hint scales the previous norm to 2**center: the sum of squares then
-# stays trusted while the norm moves by less than 2**47 (float32) either way.
-_HINT_CENTER = {_F32: 17, _F64: 131}
 # The candidate scales k of the "select" rescue, sums of (x * 2**-k)**2: the
 # unscaled sum, one scaled down and one scaled up. Together they keep every
 # square that matters normal and every sum finite, for up to 2**38 elements
@@ -294,9 +289,11 @@ def _allreduce(
 # The plan: static facts about the leaves, and how they are read
 
 
-# Leaves of at most this many elements are reduced stacked with the other
-# leaves of their shape and dtype: one kernel for the group instead of one
-# per leaf. At this size the copy costs less than a kernel launch.
+# In the common read, leaves of at most this many elements are reduced
+# stacked with the other leaves of their shape and dtype: one kernel for the
+# group instead of one per leaf. At this size the copy costs less than a
+# kernel launch. The rescue stacks leaves of any size: it is rarely run, and
+# fewer kernels compile faster.
 STACK_LIMIT = 4096
 # At most this many leaves go into one stacked kernel. XLA's CPU compiler
 # takes time quadratic in the operands of one fused concatenation (94 s for
@@ -313,11 +310,27 @@ class Plan(NamedTuple):
   n: np.ndarray  # int64 [S]: elements per scope, over every device
   weights: np.ndarray | None  # [L]: 1 / copies of each leaf among the devices
   axes: Axes | None
-  batches: tuple[tuple[int, ...], ...]  # leaves read together, in one kernel
+  batches: tuple[tuple[int, ...], ...]  # leaves read together in the common read
+  groups: tuple[tuple[int, ...], ...]  # leaves read together in the rescue
 
   @property
   def num_scopes(self) -> int:
     return len(self.n)
+
+
+def _batched(floats: Sequence[jax.Array], limit: float) -> tuple[tuple[int, ...], ...]:
+  """Leaf indices in batches: up to STACK_GROUP leaves of one shape and dtype
+  of at most ``limit`` elements together, larger leaves alone."""
+  same: dict[tuple, list[int]] = {}
+  for i, x in enumerate(floats):
+    same.setdefault((x.shape, x.dtype), []).append(i)
+  out: list[tuple[int, ...]] = []
+  for idx in same.values():
+    if floats[idx[0]].size <= limit:
+      out += [tuple(idx[k : k + STACK_GROUP]) for k in range(0, len(idx), STACK_GROUP)]
+    else:
+      out += [(i,) for i in idx]
+  return tuple(out)
 
 
 def make_plan(floats: Sequence[jax.Array], scope: Scope, axes: Axes | None = None) -> Plan:
@@ -328,24 +341,31 @@ def make_plan(floats: Sequence[jax.Array], scope: Scope, axes: Axes | None = Non
   ]
   owner = np.zeros(len(floats), int) if scope == "global" else np.arange(len(floats))
   n = np.array([sum(sizes)] if scope == "global" else sizes, np.int64)
-  groups: dict[tuple, list[int]] = {}
-  for i, x in enumerate(floats):
-    groups.setdefault((x.shape, x.dtype), []).append(i)
-  batches = []
-  for idx in groups.values():
-    if floats[idx[0]].size <= STACK_LIMIT:
-      batches += [tuple(idx[k : k + STACK_GROUP]) for k in range(0, len(idx), STACK_GROUP)]
-    else:
-      batches += [(i,) for i in idx]
-  return Plan(acc_dtype(floats), scope, owner, n, _weights(axes), axes, tuple(batches))
+  return Plan(
+    acc_dtype(floats),
+    scope,
+    owner,
+    n,
+    _weights(axes),
+    axes,
+    _batched(floats, STACK_LIMIT),
+    _batched(floats, np.inf),
+  )
 
 
-def _stacked(floats: Sequence[jax.Array], plan: Plan) -> list[jax.Array]:
-  """Each batch as one array [members, *shape] in the accumulation dtype."""
-  return [
-    (jnp.stack([floats[i] for i in b]) if len(b) > 1 else floats[b[0]][None]).astype(plan.acc)
-    for b in plan.batches
+class _Read(NamedTuple):
+  """The leaves as read together: one array [members, *shape] per batch."""
+
+  arrays: list[jax.Array]
+  batches: tuple[tuple[int, ...], ...]
+
+
+def _read(floats: Sequence[jax.Array], batches, acc: np.dtype) -> _Read:
+  arrays = [
+    (jnp.stack([floats[i] for i in b]) if len(b) > 1 else floats[b[0]][None]).astype(acc)
+    for b in batches
   ]
+  return _Read(arrays, batches)
 
 
 def _column(values: jax.Array, members: Sequence[int], plan: Plan, ndim: int) -> jax.Array:
@@ -359,14 +379,10 @@ def _column(values: jax.Array, members: Sequence[int], plan: Plan, ndim: int) ->
   return values[scopes].reshape((len(members),) + (1,) * (ndim - 1))
 
 
-def _per_leaf(
-  stacked: Sequence[jax.Array],
-  plan: Plan,
-  reducer: Callable[[jax.Array, Sequence[int]], jax.Array],
-) -> jax.Array:
+def _per_leaf(read: _Read, reducer: Callable[[jax.Array, Sequence[int]], jax.Array]) -> jax.Array:
   """``reducer(batch, members)`` ([..., members] per batch) as [..., L] in leaf order."""
-  order = [i for b in plan.batches for i in b]
-  pieces = [reducer(y, b) for y, b in zip(stacked, plan.batches, strict=True)]
+  order = [i for b in read.batches for i in b]
+  pieces = [reducer(y, b) for y, b in zip(read.arrays, read.batches, strict=True)]
   out = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
   perm = np.argsort(order)
   return out if np.all(perm == np.arange(len(order))) else out[..., perm]
@@ -403,47 +419,6 @@ def _combine(sums: dict[str, jax.Array], maxes: dict[str, jax.Array], plan: Plan
 # Norms
 
 
-def _scalable(k: jax.Array, dtype: np.dtype) -> jax.Array:
-  """``k`` clamped to where ``2**-k`` is a normal number of ``dtype``."""
-  info = jnp.finfo(dtype)
-  return jnp.clip(k, 1 - info.maxexp, -info.minexp).astype(jnp.int32)
-
-
-class Hint(NamedTuple):
-  """What the previous step tells the next: its norm's power of two, and
-  (for moments) its mean, in units of that power."""
-
-  k: jax.Array  # int32 (): read the leaves as x * 2**-k
-  anchor: jax.Array | None = None  # the previous mean, times 2**-k
-
-
-def hint_from(
-  norm: ArrayLike | None,
-  acc: np.dtype = _F32,
-  mean: ArrayLike | None = None,
-  std: ArrayLike | None = None,
-) -> Hint:
-  """The :class:`Hint` from the previous step's float32 norm (and moments).
-
-  Nothing known (``None``, 0 or NaN) reads the leaves unscaled. The previous
-  mean becomes the anchor only where it dwarfs the spread (``|mean| > std``):
-  otherwise summing about 0 loses nothing, and gives the sum of squares
-  directly.
-  """
-  if norm is None:
-    return Hint(jnp.zeros((), jnp.int32))
-  norm = lax.stop_gradient(jnp.asarray(norm, jnp.float32))
-  center = _HINT_CENTER[acc]
-  top = jnp.finfo(jnp.float32).maxexp
-  k = jnp.where(jnp.isinf(norm), top - center, jnp.where(norm > 0, exponent(norm) - center, 0))
-  k = _scalable(jnp.where(jnp.isnan(norm), 0, k), acc)
-  if mean is None:
-    return Hint(k)
-  mean, std = (lax.stop_gradient(jnp.asarray(v, acc)) for v in (mean, std))
-  anchor = jnp.where(jnp.abs(mean) > std, mean, 0) * exp2(-k, acc)
-  return Hint(k, jnp.where(jnp.isfinite(anchor), anchor, 0))
-
-
 class Sums(NamedTuple):
   """Per-leaf partial norms, each leaf's in units of its scope's ``2**e``."""
 
@@ -474,38 +449,41 @@ def _squares_always_fit(floats: Sequence[jax.Array]) -> bool:
   return all(x.dtype == jnp.float16 for x in floats)
 
 
-def _scaled_sums(stacked, plan: Plan, k: jax.Array, *, l1: bool, linf: bool) -> Sums:
-  """One read of every leaf: the sums of ``x * 2**-k`` per leaf, ``k`` per
-  scope [S] or one scalar for all."""
-  k = _scalable(k, plan.acc)
-  scale = exp2(-k, plan.acc)
+def _sums(read: _Read, plan: Plan, e: jax.Array | None, *, l1: bool, linf: bool) -> Sums:
+  """One read of every leaf: per leaf, the sums of ``x * 2**-e`` with ``e``
+  per scope [S], or of ``x`` itself (``e=None``: the common read, nothing
+  in the kernel but the square and the sum)."""
+  scale = None if e is None else exp2(-e, plan.acc)
 
   def reducer(y, members):
-    y = y * _column(scale, members, plan, y.ndim)
+    if scale is not None:
+      y = y * _column(scale, members, plan, y.ndim)
     out = [_sum_over(jnp.square(y))]
     if l1:
       out.append(_sum_over(jnp.abs(y)))
     return jnp.stack(out)
 
-  sums = {"sums": _per_leaf(stacked, plan, reducer)}
-  maxes = {"amax": _per_leaf(stacked, plan, lambda y, _: _max_abs_over(y))} if linf else {}
+  sums = {"sums": _per_leaf(read, reducer)}
+  maxes = {"amax": _per_leaf(read, lambda y, _: _max_abs_over(y))} if linf else {}
   sums, maxes = _combine(sums, maxes, plan)
-  e = (k if k.ndim == 0 else k[plan.owner]).astype(jnp.int32)
-  e = jnp.broadcast_to(e, sums["sums"].shape[-1:])
-  return Sums(sums["sums"][0], e, sums["sums"][1] if l1 else None, maxes.get("amax"))
+  e_leaf = jnp.zeros(plan.owner.shape, jnp.int32) if e is None else e[plan.owner]
+  return Sums(sums["sums"][0], e_leaf, sums["sums"][1] if l1 else None, maxes.get("amax"))
 
 
-def _exact_sums(stacked, plan: Plan, *, l1: bool, linf: bool) -> Sums:
+def _exact_sums(floats, plan: Plan, *, l1: bool) -> Sums:
   """Two reads: each scope's largest magnitude, whose power of two then
-  scales every element of the scope to at most 1 for the sums."""
-  amax = _per_leaf(stacked, plan, lambda y, _: _max_abs_over(y))
+  scales every element of the scope to below 1 (at most 4 when clamped at
+  the top of the range) for the sums."""
+  read = _read(floats, plan.groups, plan.acc)
+  amax = _per_leaf(read, lambda y, _: _max_abs_over(y))
   amax = _combine({}, {"amax": amax}, plan)[1]["amax"]
-  e_scope = exponent(_scope_max(amax, plan))  # scaled, every element is below 1
-  sums = _scaled_sums(stacked, plan, e_scope, l1=l1, linf=False)
-  return sums._replace(amax=amax if linf else None)
+  info = jnp.finfo(plan.acc)
+  # 2**-e must be a normal number
+  e = jnp.clip(exponent(_scope_max(amax, plan)), 1 - info.maxexp, -info.minexp)
+  return _sums(read, plan, e, l1=l1, linf=False)
 
 
-def _selected_sums(stacked, plan: Plan, *, l1: bool, linf: bool) -> Sums:
+def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> Sums:
   """One read into three candidate sums per leaf (unscaled, scaled down and
   up), stacked into one reduction; per scope, the candidate in range wins."""
   ks = jnp.asarray(_CANDIDATES[plan.acc], jnp.int32)
@@ -520,28 +498,27 @@ def _selected_sums(stacked, plan: Plan, *, l1: bool, linf: bool) -> Sums:
       rows += [jnp.abs(y * c) for c in scales]
     return _sum_over(jnp.stack(rows), extra=1)
 
-  sums = {"sums": _per_leaf(stacked, plan, reducer)}
-  maxes = {"amax": _per_leaf(stacked, plan, lambda y, _: _max_abs_over(y))} if linf else {}
+  read = _read(floats, plan.batches, plan.acc)
+  sums = {"sums": _per_leaf(read, reducer)}
+  maxes = {"amax": _per_leaf(read, lambda y, _: _max_abs_over(y))} if linf else {}
   sums, maxes = _combine(sums, maxes, plan)
   cands = sums["sums"]  # [3 or 6, L]
   sumsq = _scope_sum(cands[:3], plan)  # [3, S]
   in_range = _trusted(sumsq[0], plan.acc) | (plan.n == 0)
-  pick = jnp.where(in_range, 0, jnp.where(jnp.isfinite(sumsq[0]), 2, 1))
-  pick = pick[plan.owner]  # per leaf
+  pick = jnp.where(in_range, 0, jnp.where(jnp.isfinite(sumsq[0]), 2, 1))[plan.owner]
   choose = lambda c: jnp.take_along_axis(c, pick[None], axis=0)[0]  # noqa: E731
   return Sums(choose(cands[:3]), ks[pick], choose(cands[3:]) if l1 else None, maxes.get("amax"))
 
 
-def _branched_sums(stacked, plan: Plan, k: jax.Array, *, l1: bool, linf: bool) -> Sums:
-  """The hinted sums, and a rescue under ``lax.cond`` where they failed."""
-  fast = _scaled_sums(stacked, plan, k, l1=l1, linf=linf)
+def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> Sums:
+  """The plain sums, and a rescue under ``lax.cond`` where they failed."""
+  fast = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
   ok = jnp.all(_trusted(fast.per_scope(plan).sumsq, plan.acc) | (plan.n == 0))
 
-  def rescue(stacked):
-    exact = _exact_sums(stacked, plan, l1=l1, linf=False)
-    return exact._replace(amax=fast.amax)
+  def rescue(floats):
+    return _exact_sums(floats, plan, l1=l1)._replace(amax=fast.amax)
 
-  return lax.cond(ok, lambda _: fast, rescue, stacked)
+  return lax.cond(ok, lambda _: fast, rescue, list(floats))
 
 
 def _strategy() -> str:
@@ -550,25 +527,22 @@ def _strategy() -> str:
   return RESCALING
 
 
-def norm_sums(
-  floats: Sequence[jax.Array], plan: Plan, h: Hint | None, *, l1: bool = False, linf: bool = False
-) -> Sums:
+def norm_sums(floats: Sequence[jax.Array], plan: Plan, *, l1: bool, linf: bool) -> Sums:
   """Per-leaf partial norms of ``floats``, exact over the whole float range."""
-  stacked = _stacked(floats, plan)
   if _squares_always_fit(floats):
-    return _scaled_sums(stacked, plan, jnp.zeros((), jnp.int32), l1=l1, linf=linf)
-  k = (h or hint_from(None)).k
+    return _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
 
-  def branching(stacked):
-    return _branched_sums(stacked, plan, k, l1=l1, linf=linf)
+  def branching(floats):
+    return _branched_sums(floats, plan, l1=l1, linf=linf)
 
-  def selecting(stacked):
-    return _selected_sums(stacked, plan, l1=l1, linf=linf)
+  def selecting(floats):
+    return _selected_sums(floats, plan, l1=l1, linf=linf)
 
+  floats = list(floats)
   strategy = _strategy()
   if strategy == "auto":
-    return lax.platform_dependent(stacked, cpu=branching, tpu=branching, default=selecting)
-  return (branching if strategy == "branch" else selecting)(stacked)
+    return lax.platform_dependent(floats, cpu=branching, tpu=branching, default=selecting)
+  return (branching if strategy == "branch" else selecting)(floats)
 
 
 # --------------------------------------------------------------------------
@@ -590,15 +564,16 @@ class Moments(NamedTuple):
     return Pow2(self.sumsq, 2 * self.e)
 
 
-def _anchored_sums(stacked, plan: Plan, scale: jax.Array, shift: jax.Array) -> jax.Array:
-  """Per scope, ``sum(y - a)`` and ``sum((y - a)**2)`` of ``y = x * scale``
-  about the anchor ``a = shift``, each per scope [S] or one scalar: [2, S]."""
+def _plain_moments(read: _Read, plan: Plan, scale=None, shift=None) -> jax.Array:
+  """Per scope, ``sum(y)`` and ``sum(y**2)`` of ``y = x * scale - shift``
+  (each per scope [S], or left out): [2, S]."""
 
   def reducer(y, members):
-    d = y * _column(scale, members, plan, y.ndim) - _column(shift, members, plan, y.ndim)
-    return jnp.stack([_sum_over(d), _sum_over(jnp.square(d))])
+    if scale is not None:
+      y = y * _column(scale, members, plan, y.ndim) - _column(shift, members, plan, y.ndim)
+    return jnp.stack([_sum_over(y), _sum_over(jnp.square(y))])
 
-  sums, _ = _combine({"d": _per_leaf(stacked, plan, reducer)}, {}, plan)
+  sums, _ = _combine({"d": _per_leaf(read, reducer)}, {}, plan)
   return _scope_sum(sums["d"], plan)
 
 
@@ -610,17 +585,18 @@ def _about(d: jax.Array, anchor: jax.Array, plan: Plan) -> tuple[jax.Array, jax.
   return mean, jnp.where(has, jnp.maximum(d[1] - jnp.square(d[0]) / n, 0), 0)
 
 
-def _exact_moments(stacked, plan: Plan) -> Moments:
+def _exact_moments(floats, plan: Plan) -> Moments:
   """Three reads. The extremes give an exact power-of-two scale per scope
   and find constant scopes; the mean and the sum of squares are then summed
   in range, and the centred sum of squares taken about that mean."""
+  read = _read(floats, plan.groups, plan.acc)
 
   def extremes(y, members):
     axes = tuple(range(1, y.ndim))
     top = jnp.max(y, axis=axes, initial=-jnp.inf)
     return jnp.stack([top, jnp.max(-y, axis=axes, initial=-jnp.inf)])
 
-  ext = _combine({}, {"ext": _per_leaf(stacked, plan, extremes)}, plan)[1]["ext"]
+  ext = _combine({}, {"ext": _per_leaf(read, extremes)}, plan)[1]["ext"]
   hi, lo = _scope_max(ext[0], plan), -_scope_max(ext[1], plan)
   # Clamped so that 2**-e is a normal number: the largest scaled element
   # then lies in [0.5, 8).
@@ -628,39 +604,29 @@ def _exact_moments(stacked, plan: Plan) -> Moments:
   e = jnp.clip(exponent(jnp.maximum(hi, -lo)), -lim, lim)
   scale = exp2(-e, plan.acc)
   constant = (hi == lo) & (plan.n > 0)
-  plain = _anchored_sums(stacked, plan, scale, jnp.zeros((), plan.acc))
-  first, _ = _about(plain, jnp.zeros_like(hi), plan)
+  zero = jnp.zeros_like(hi)
+  plain = _plain_moments(read, plan, scale, zero)
+  first, _ = _about(plain, zero, plan)
   anchor = lax.stop_gradient(jnp.where(constant, hi * scale, first))
-  mean, m2 = _about(_anchored_sums(stacked, plan, scale, anchor), anchor, plan)
+  mean, m2 = _about(_plain_moments(read, plan, scale, anchor), anchor, plan)
   return Moments(mean, jnp.where(constant, 0, m2), plain[1], e, None, constant)
 
 
-def moment_sums(floats: Sequence[jax.Array], plan: Plan, h: Hint | None) -> Moments:
+def moment_sums(floats: Sequence[jax.Array], plan: Plan) -> Moments:
   """Mean, centred and plain sums of squares per scope. The common case
-  reads once, about the hint's anchor; a scope whose one-pass variance
-  cancels, or whose sums left the range, is read again under ``lax.cond``.
-
-  With no anchor the sum of squares is summed directly; about an anchor
-  (given where the mean dwarfs the spread) it is ``m2 + n * mean**2``,
-  whose terms are then accurate.
-  """
-  h = h or hint_from(None)
-  stacked = _stacked(floats, plan)
-  anchor = jnp.zeros((), plan.acc) if h.anchor is None else h.anchor.astype(plan.acc)
-  d = _anchored_sums(stacked, plan, exp2(-h.k, plan.acc), anchor)
-  mean, m2 = _about(d, anchor, plan)
-  n = jnp.asarray(plan.n, plan.acc)
-  sumsq = jnp.where(anchor == 0, d[1], m2 + n * jnp.square(mean))
+  reads once, summing ``x`` and ``x**2``; a scope whose one-pass variance
+  cancels (a mean that dwarfs the spread, or a constant scope), or whose
+  sums left the range, is read again under ``lax.cond``."""
+  d = _plain_moments(_read(floats, plan.batches, plan.acc), plan)
+  mean, m2 = _about(d, jnp.zeros((), plan.acc), plan)
   none = jnp.zeros(mean.shape, bool)
-  fast = Moments(mean, m2, sumsq, jnp.broadcast_to(h.k, none.shape), None, none)
+  fast = Moments(mean, m2, d[1], jnp.zeros(mean.shape, jnp.int32), None, none)
   ok = (plan.n == 0) | (
-    _trusted(sumsq, plan.acc)
-    & _trusted(d[1], plan.acc)
-    & jnp.isfinite(d[0])
-    & (m2 >= _CANCELLATION * d[1])
+    _trusted(d[1], plan.acc) & jnp.isfinite(d[0]) & (m2 >= _CANCELLATION * d[1])
   )
   # n is static: it stays out of the branches' outputs.
-  out = lax.cond(jnp.all(ok), lambda _: fast, lambda s: _exact_moments(s, plan), stacked)
+  rescue = lambda floats: _exact_moments(floats, plan)  # noqa: E731
+  out = lax.cond(jnp.all(ok), lambda _: fast, rescue, list(floats))
   return out._replace(n=plan.n)
 
 
@@ -679,14 +645,12 @@ class Reduction(NamedTuple):
   leaf_sumsq: Pow2 | None = None  # [L]: each leaf's sum of squares
 
 
-def _empty(plan_scopes: int, norms: Sequence[str], with_moments: bool) -> Reduction:
-  zero = Pow2(jnp.zeros((plan_scopes,), jnp.float32), jnp.zeros((plan_scopes,), jnp.int32))
+def _empty(scopes: int, norms: Sequence[str], with_moments: bool) -> Reduction:
+  zero = Pow2(jnp.zeros((scopes,), jnp.float32), jnp.zeros((scopes,), jnp.int32))
   mom = None
   if with_moments:
-    z = jnp.zeros((plan_scopes,), jnp.float32)
-    mom = Moments(
-      z, z, z, zero.e, np.zeros((plan_scopes,), np.int64), jnp.zeros((plan_scopes,), bool)
-    )
+    z = jnp.zeros((scopes,), jnp.float32)
+    mom = Moments(z, z, z, zero.e, np.zeros((scopes,), np.int64), jnp.zeros((scopes,), bool))
   fields = {n: zero for n in norms}
   return Reduction(jnp.zeros((), jnp.float32), moments=mom, leaf_sumsq=zero, **fields)
 
@@ -698,9 +662,6 @@ def reduce(
   norms: Sequence[str] = (),
   moments: bool = False,
   axes: Axes | None = None,
-  last_norm: ArrayLike | None = None,
-  last_mean: ArrayLike | None = None,
-  last_std: ArrayLike | None = None,
 ) -> Reduction:
   """Reduces the float leaves once, per scope.
 
@@ -711,10 +672,6 @@ def reduce(
     moments: also compute the mean and the centred sum of squares.
     axes: the mesh axes each leaf is partitioned over, inside ``shard_map``
       (from :func:`float_axes`); ``None`` on one device or under plain ``jit``.
-    last_norm: the previous step's global L2 norm (float32), from the
-      transform's state; ``last_mean`` and ``last_std`` its moments. They
-      set the scale (and anchor) of the common one-read case: only speed
-      depends on them, never the result.
 
   Returns:
     A :class:`Reduction`. Its ``norm`` is always the global L2 norm as float32.
@@ -723,11 +680,10 @@ def reduce(
   if not floats:
     return _empty(1 if scope == "global" else 0, norms, moments)
   plan = make_plan(floats, scope, axes)
-  h = hint_from(last_norm, plan.acc, last_mean, last_std)
   if moments:
-    mom = moment_sums(floats, plan, h)
+    mom = moment_sums(floats, plan)
     return Reduction(norm=_norm_statistic(mom.squares()), moments=mom)
-  sums = norm_sums(floats, plan, h, l1="l1" in norms, linf="linf" in norms)
+  sums = norm_sums(floats, plan, l1="l1" in norms, linf="linf" in norms)
   scoped = sums.per_scope(plan)
   squares = Pow2(scoped.sumsq, 2 * scoped.e)
   out = Reduction(norm=_norm_statistic(squares), leaf_sumsq=Pow2(sums.sumsq, 2 * sums.e))
@@ -895,7 +851,7 @@ def fraction_outside(
     under = below(-jnp.maximum(y, cap_lo))
     return _sum_over(jnp.minimum(jnp.maximum(jnp.maximum(over, under), 0), 1))
 
-  counts = _per_leaf(_stacked(floats, plan), plan, counted)
+  counts = _per_leaf(_read(floats, plan.batches, plan.acc), counted)
   counts = _combine({"count": counts}, {}, plan)[0]["count"]
   return (jnp.sum(counts) / plan.n[0]).astype(jnp.float32)
 

@@ -77,12 +77,6 @@ class ZScoreLeafState(NamedTuple):
   norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
 
 
-def previous(state: Any, field: str) -> jax.Array | None:
-  """A statistic of the previous step from ``state``, or ``None`` where the
-  state does not hold it (``None`` passed as state, or no statistics)."""
-  return getattr(state, field, None)
-
-
 def _is_state(x: Any) -> bool:
   return type(x) in _REGISTRY
 
