@@ -87,18 +87,24 @@ def interleaved_times(
   """Median wall time of each ``fn()``, calling them in turn round after round.
 
   Interleaving makes the ratios fair on a noisy shared machine: a pause hits
-  every implementation alike. Each ``fn`` must block until done.
+  every implementation alike. The order is shuffled every round (seeded):
+  a call right after a slow one (which evicts the caches and leaves pages to
+  reclaim) runs measurably slower, and a fixed order would charge that to
+  the same implementation every time. Each ``fn`` must block until done.
   """
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times: dict[str, list[float]] = {name: [] for name in fns}
+  order = list(fns)
+  rng = np.random.default_rng(0)
   start = time.perf_counter()
   rounds = 0
   while rounds < min_rounds or (time.perf_counter() - start < budget and rounds < 200):
-    for name, fn in fns.items():
+    rng.shuffle(order)
+    for name in order:
       t0 = time.perf_counter()
-      fn()
+      fns[name]()
       times[name].append(time.perf_counter() - t0)
     rounds += 1
   return {name: statistics.median(ts) for name, ts in times.items()}

@@ -218,8 +218,9 @@ def _clip_by_norm(
     floats, rebuild = _reduce.split_floats(updates)
     axes = _reduce.float_axes(axis_name, updates)
     red = _reduce.reduce(floats, scope=scope, norms=(norm,), axes=axes)
-    factors, clipped = _reduce.scale_factors(getattr(red, norm), max_norm, clip=True)
-    out = _reduce.rescale(floats, scope, factors, after=(red.norm,))
+    after = () if norm == "l2" else (red.norm,)  # the statistic's own reduction
+    factors, clipped = _reduce.scale_factors(getattr(red, norm), max_norm, clip=True, after=after)
+    out = _reduce.rescale(floats, scope, factors)
     fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
     return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
 

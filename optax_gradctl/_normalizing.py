@@ -63,8 +63,9 @@ def unit_rescale(
     floats, rebuild = _reduce.split_floats(updates)
     axes = _reduce.float_axes(axis_name, updates)
     red = _reduce.reduce(floats, scope=scope, norms=(norm,), axes=axes)
-    factors, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False)
-    out = _reduce.rescale(floats, scope, factors, after=(red.norm,))
+    after = () if norm == "l2" else (red.norm,)  # the statistic's own reduction
+    factors, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False, after=after)
+    out = _reduce.rescale(floats, scope, factors)
     return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -748,22 +748,31 @@ def ordered_after(x: jax.Array, *stats: jax.Array) -> jax.Array:
   is overwritten in place (5-10x slower on a CPU). Subtracting an exact zero
   made from the reductions orders the update after them.
   """
+  return x - _zero_after(stats).astype(x.dtype)
+
+
+def _zero_after(stats: Sequence[jax.Array]) -> jax.Array:
+  """An exact float32 zero computed from ``stats``, out of a divide: XLA
+  copies cheap scalar arithmetic (here a sum over every leaf's partials) into
+  each consumer kernel, but not a divide."""
+  if not stats:
+    return jnp.zeros((), jnp.float32)
   total = sum(jnp.sum(s.astype(jnp.float32)) for s in stats)
   w = jnp.where(jnp.isfinite(total), jnp.abs(total), 0)
-  # +0, out of a divide: XLA copies cheap scalar arithmetic (here a sum over
-  # every leaf's partials) into each consumer kernel, but not a divide.
-  zero = w * 0 / (w + 1)
-  return x - zero.astype(x.dtype)
+  return w * 0 / (w + 1)
 
 
 class Factors(NamedTuple):
-  """Per scope, two factors whose product is the rescaling, and where it applies."""
+  """Per scope, two factors whose product is the rescaling. ``s1 == 1``
+  exactly where nothing is rescaled (then ``s2 == 1`` too)."""
 
   s1: jax.Array  # [S]
   s2: jax.Array  # [S]
 
 
-def scale_factors(value: Pow2, target: ArrayLike, clip: bool) -> tuple[Factors, jax.Array]:
+def scale_factors(
+  value: Pow2, target: ArrayLike, clip: bool, *, after: Sequence[jax.Array] = ()
+) -> tuple[Factors, jax.Array]:
   """The factors per scope that rescale norm ``value`` to ``target``.
 
   The exponent of ``target / value`` is split evenly between the factors, so
@@ -775,6 +784,9 @@ def scale_factors(value: Pow2, target: ArrayLike, clip: bool) -> tuple[Factors, 
     target: the norm to rescale to (``max_norm``, or 1).
     clip: rescale only where ``value > target``; elsewhere both factors are
       exactly 1, and :func:`rescale` returns the leaf bitwise unchanged.
+    after: statistics of the same leaves that the rescaling must wait for
+      (see :func:`ordered_after`): those from a reduction other than the
+      one ``value`` comes from.
 
   Returns:
     ``(factors, active)``: the :class:`Factors`, and where they rescale a
@@ -791,26 +803,40 @@ def scale_factors(value: Pow2, target: ArrayLike, clip: bool) -> tuple[Factors, 
     active = (v.m > 0) & above & jnp.isfinite(target)
   else:
     active = v.m > 0
-  # target / value = (t_m / v.m) * 2**(t_e - v.e), the exponent split in two.
+  # target / value = (t_m / v.m) * 2**(t_e - v.e), the exponent split in two;
+  # where the scope rescales, k1 is never 0, so that s1 == 1 says it does not.
   d = jnp.where(active, t_e - v.e, 0)
-  k1 = d // 2
-  s1 = reciprocal_pow2(-k1, finite, dtype)
+  k1 = jnp.where(active & (d // 2 == 0), -1, d // 2)
+  one = jnp.where(finite, 1, jnp.nan).astype(dtype) - _zero_after(after).astype(dtype)
+  # Both factors end in a divide, which XLA computes once for all leaves;
+  # dividing by a power of two is exact.
+  s1 = one / exp2(-k1, dtype)
   numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
-  # Both factors end in a divide, which XLA computes once for all leaves.
   s2 = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
   return Factors(s1, s2), active & finite
 
 
-def rescale(
-  floats: Sequence[jax.Array], scope: Scope, f: Factors, *, after: Sequence[jax.Array] = ()
-) -> list[jax.Array]:
-  """Each leaf times its scope's factors; a leaf whose factors are both 1 is
-  returned bitwise unchanged (subnormal elements included)."""
+def rescale(floats: Sequence[jax.Array], scope: Scope, f: Factors) -> list[jax.Array]:
+  """Each leaf times its scope's factors, in the accumulation dtype and cast
+  back; a leaf its factors leave alone is returned bitwise unchanged
+  (subnormal elements included, which any multiply would flush on a CPU).
 
-  def scaled(x, s1, s2):
-    return jnp.where((s1 == 1) & (s2 == 1), x, x * s1 * s2)
-
-  return apply(floats, scope, scaled, f.s1, f.s2, after=after)
+  Written in ``lax``: at thousands of leaves, each operation per leaf counts
+  in tracing and compile time.
+  """
+  acc = acc_dtype(floats)
+  per_scope: dict[int, tuple[jax.Array, ...]] = {}
+  out = []
+  for i, x in enumerate(floats):
+    s = 0 if scope == "global" else i
+    if s not in per_scope:
+      per_scope[s] = (f.s1[s], f.s2[s], f.s1[s] == 1)
+    s1, s2, keep = per_scope[s]
+    y = x if x.dtype == acc else lax.convert_element_type(x, acc)
+    # a scalar predicate: select keeps each operand's sharding
+    z = lax.select_n(keep, y * s1 * s2, y)
+    out.append(z if z.dtype == x.dtype else lax.convert_element_type(z, x.dtype))
+  return out
 
 
 def fraction_outside(
