@@ -173,10 +173,13 @@ class Pow2(NamedTuple):
     return Pow2(m, self.e + k.astype(jnp.int32))
 
   def to_float32(self) -> jax.Array:
-    """The values as float32: inf where they exceed the float32 range."""
-    v = self.normalized()
-    a, b = split_exp2(v.e, v.m.dtype)
-    return (v.m * a * b).astype(jnp.float32)
+    """The values as float32: inf where they exceed the float32 range.
+
+    ``m`` is multiplied by ``2**e`` in two steps, so the product lies
+    between ``m`` and the result: exact for any finite ``m``.
+    """
+    a, b = split_exp2(self.e, self.m.dtype)
+    return (self.m * a * b).astype(jnp.float32)
 
   def sqrt(self) -> Pow2:
     """The square roots, exactly scaled: ``sqrt(m * 2**e)``."""
@@ -186,6 +189,8 @@ class Pow2(NamedTuple):
   def total(self, axis: int = -1) -> Pow2:
     """The sum along ``axis``, taken at the largest exponent so that it cannot
     overflow; terms more than the dtype's range below it are negligible."""
+    if self.m.shape[axis] == 1:
+      return Pow2(jnp.squeeze(self.m, axis), jnp.squeeze(self.e, axis))
     v = self.normalized()
     lowest = jnp.iinfo(jnp.int32).min // 2
     top = jnp.max(jnp.where(v.m > 0, v.e, lowest), axis=axis, keepdims=True)
@@ -795,8 +800,7 @@ def scale_factors(
   """
   dtype = value.m.dtype
   v = value.normalized()  # v.m in [0.5, 1), or 0, inf, NaN
-  target = jnp.asarray(target, dtype)
-  t_m, t_e = jnp.frexp(target)
+  target, t_m, t_e = _split_target(target, dtype)
   finite = jnp.isfinite(v.m)
   if clip:
     above = (v.e > t_e) | ((v.e == t_e) & (v.m > t_m)) | (target == 0)
@@ -814,6 +818,19 @@ def scale_factors(
   numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
   s2 = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
   return Factors(s1, s2), active & finite
+
+
+def _split_target(target: ArrayLike, dtype: np.dtype):
+  """``target`` in ``dtype`` and its ``frexp``: worked out at trace time for a
+  concrete number (a hyperparameter usually is), in the program for a
+  traced one."""
+  if isinstance(target, jax.core.Tracer):
+    target = jnp.asarray(target, dtype)
+    return (target, *jnp.frexp(target))
+  with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as in the program
+    target = np.asarray(target, np.float64).astype(dtype)
+  m, e = np.frexp(target)
+  return target, m, np.asarray(e, np.int32)
 
 
 def rescale(floats: Sequence[jax.Array], scope: Scope, f: Factors) -> list[jax.Array]:

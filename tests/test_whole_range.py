@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import optax_gradctl as gc
@@ -212,6 +212,11 @@ def test_zclip_threshold_is_finite_at_every_step_once_warm():
 
 # ----------------------------------------------------------------------------- the property suite
 
+# Every example compiles a program of its own (about 0.3 s): the default
+# profile draws half its count here, the thorough profile its full count.
+_EXAMPLES = settings().max_examples // 2 if settings().max_examples <= 30 else None
+property_settings = settings(max_examples=_EXAMPLES) if _EXAMPLES else settings()
+
 
 RTOL = {
   jnp.dtype(jnp.float16): 2e-3,
@@ -271,6 +276,7 @@ _value = jax.jit(
 )
 
 
+@property_settings
 @given(
   case=tree_and_magnitudes(),
   ord=st.sampled_from(_reduce.NORMS),
@@ -292,6 +298,7 @@ def test_clip_by_norm_over_the_whole_range(case, ord, scope, log2_max, strategy)
     np.testing.assert_array_equal(bits(got[i]), bits(given_[i]))
 
 
+@property_settings
 @given(
   case=tree_and_magnitudes(),
   ord=st.sampled_from(_reduce.NORMS),
@@ -308,6 +315,7 @@ def test_unit_rescale_over_the_whole_range(case, ord, scope, strategy):
       np.testing.assert_allclose(n, 1.0, rtol=4 * max(RTOL[got[i].dtype] for i in idx))
 
 
+@property_settings
 @given(
   case=tree_and_magnitudes(), scope=st.sampled_from(_reduce.SCOPES), ddof=st.sampled_from([0, 1])
 )
@@ -336,6 +344,7 @@ def _bound(log2_mag, sign):
   return sign * np.float32(2.0**log2_mag) if log2_mag >= -126 else np.float32(0)
 
 
+@property_settings
 @given(
   case=tree_and_magnitudes(),
   ends=st.lists(
@@ -355,6 +364,7 @@ def test_clip_by_value_over_the_whole_range(case, ends, strategy):
   assert_norm_statistic(state.norm, leaves)
 
 
+@property_settings
 @given(case=tree_and_magnitudes(), ord=st.sampled_from(_reduce.NORMS))
 def test_global_norm_over_the_whole_range(case, ord, strategy):
   tree, leaves = case.build()
@@ -368,6 +378,7 @@ def test_global_norm_over_the_whole_range(case, ord, strategy):
 
 
 # 8 binades of headroom: the float64 reference norms themselves must not overflow
+@property_settings
 @given(
   case=tree_and_magnitudes(dtypes=(jnp.float64, jnp.float32), headroom=8),
   log2_max=st.floats(-1000, 1000),
