@@ -367,24 +367,201 @@ def _percentile(buffer: jax.Array, valid: jax.Array, q: ArrayLike) -> jax.Array:
   return jnp.where(valid > 0, value, jnp.inf).astype(jnp.float32)
 
 
+# --------------------------------------------------------------------------- adagc
+
+
+@_stats.register("adagc", ("norm", "clipped_fraction", "thresholds"))
+class AdaGCState(NamedTuple):
+  """State of :func:`~optax_gradctl.adagc`: its statistics and per-tensor estimator."""
+
+  norm: jax.Array  # float32: global L2 norm of the incoming gradient
+  clipped_fraction: jax.Array  # float32: fraction of tensors clipped at this step
+  thresholds: jax.Array  # float32 [L]: each tensor's cap in force (+inf during warm-up)
+  gamma: jax.Array  # float32 [L]: EMA of each tensor's clipped norm (+inf until it has one)
+  count: jax.Array  # int32: finite steps seen
+
+
+def adagc(
+  *,
+  beta: ArrayLike = 0.98,
+  lambda_abs: ArrayLike = 1.0,
+  lambda_rel: ArrayLike = 1.05,
+  warmup_steps: ArrayLike = 100,
+  axis_name: _reduce.AxisName = None,
+) -> optax.GradientTransformation:
+  """AdaGC: clips each tensor against an EMA of its own clipped norm.
+
+  Global clipping shrinks every layer's step when one layer spikes; AdaGC
+  keeps one threshold per tensor (leaf). For the first ``warmup_steps - 1``
+  finite steps the whole gradient is clipped to global norm ``lambda_abs``,
+  and each tensor's ``gamma`` tracks the smallest clipped norm it has had.
+  Afterwards each tensor ``i`` is clipped to ``lambda_rel * gamma_i``, and
+  ``gamma_i <- beta * gamma_i + (1 - beta) * ||clipped g_i||``.
+
+  As in the paper's reference code, the warm-up is counted in steps (step
+  ``t`` warms up while ``t < warmup_steps``) and the first step sets
+  ``gamma`` outright. Where the paper is silent, this implementation:
+
+  - never lets a non-finite step into any ``gamma`` or the step count (the
+    gradient passes through as NaN, for ``optax.apply_if_finite``);
+  - leaves ``gamma_i`` alone when tensor ``i``'s gradient is exactly zero (a
+    zero norm would otherwise freeze the tensor at zero for good); a tensor
+    whose ``gamma`` is still unset when warm-up ends takes its first nonzero
+    clipped norm as ``gamma``, and is not clipped until then.
+
+  Norms are exact over the whole float range, as everywhere here.
+
+  Args:
+    beta: the EMA's decay, in ``(0, 1)``.
+    lambda_abs: the global norm clipped to during warm-up, ``> 0``.
+    lambda_rel: the multiple of ``gamma_i`` a tensor is clipped to, ``> 0``.
+    warmup_steps: ``>= 1``; 1 starts per-tensor clipping at once (every
+      tensor unclipped until its first nonzero step).
+    axis_name: mesh axes over which every leaf is partitioned, inside
+      ``shard_map``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`AdaGCState`, records ``norm``, ``clipped_fraction`` (of tensors)
+    and ``thresholds``: one vector, each tensor's cap in force, in the order
+    of ``jax.tree.leaves`` over the float leaves.
+
+  Raises:
+    ValueError: if an argument is out of range or NaN; in ``update``, if the
+      gradient has another number of float leaves than ``init``'s params.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.adagc(lambda_abs=10.0, warmup_steps=3)
+    >>> g = {"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.6, 0.8])}
+    >>> state = tx.init(g)
+    >>> for scale in [1.0, 1.0, 1.0, 1.0]:
+    ...   updates, state = tx.update({"a": g["a"] * scale, "b": g["b"] * scale}, state)
+    >>> spike = {"a": g["a"], "b": g["b"] * 100}  # one tensor spikes
+    >>> updates, state = tx.update(spike, state)
+    >>> [round(float(jnp.linalg.norm(u)), 3) for u in (updates["a"], updates["b"])]
+    [0.5, 1.05]
+
+  References:
+    Wang et al., `Adaptive Gradient Clipping for Robust Large Language Model
+    Pretraining (AdaGC) <https://arxiv.org/abs/2502.11034>`_, 2025
+  """
+  owner = "adagc"
+  check_number(owner, "beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
+  check_number(owner, "lambda_abs", lambda_abs, low=0.0, low_open=True)
+  check_number(owner, "lambda_rel", lambda_rel, low=0.0, low_open=True)
+  check_number(owner, "warmup_steps", warmup_steps, low=1.0, allow_inf=False, integer=True)
+
+  def init_fn(params: Any) -> AdaGCState:
+    n = len(_reduce.split_floats(params)[0])
+    z, inf = _stats.zeros(), jnp.full((n,), jnp.inf, jnp.float32)
+    return AdaGCState(z, z, inf, inf, jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    floats, rebuild = _reduce.split_floats(updates)
+    if len(floats) != state.gamma.shape[0]:
+      raise ValueError(
+        f"{owner}: the gradient has {len(floats)} float leaves, the state"
+        f" {state.gamma.shape[0]} (init's params must have the gradient's structure)"
+      )
+    if not floats:
+      return rebuild(floats), state
+    axes = _reduce.float_axes(axis_name, updates)
+    red = _reduce.reduce(floats, scope="leaf", norms=("l2",), axes=axes)
+    finite = jnp.all(jnp.isfinite(red.l2.m))
+    warm = state.count + 1 >= jnp.asarray(warmup_steps).astype(jnp.int32)
+    factors, active, clipped_norms, caps = _adagc_clip(
+      red, state.gamma, warm, lambda_abs, lambda_rel
+    )
+    gamma = _adagc_gamma(state.gamma, clipped_norms, warm, beta)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new = AdaGCState(
+      norm=red.norm,
+      clipped_fraction=jnp.mean((active & finite).astype(jnp.float32)),
+      thresholds=caps,
+      gamma=keep(gamma, state.gamma),
+      count=keep(state.count + 1, state.count),
+    )
+    return rebuild(_reduce.rescale(floats, "leaf", factors)), new
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adagc_clip(red: _reduce.Reduction, gamma, warm, lambda_abs, lambda_rel):
+  """The per-tensor factors of this step, where they clip, each tensor's
+  clipped norm (float32) and the cap in force."""
+  leaf = red.l2  # [L]
+  total = _reduce.Pow2(jnp.square(leaf.m), 2 * leaf.e).total().sqrt()  # the global norm
+  g_factors, g_active = _reduce.scale_factors(
+    _reduce.Pow2(total.m[None], total.e[None]), lambda_abs, clip=True
+  )
+  caps = jnp.asarray(lambda_rel, jnp.float32) * gamma
+  l_factors, l_active = _reduce.scale_factors(leaf, caps, clip=True)
+  factors = _reduce.Factors(
+    jnp.where(warm, l_factors.s1, g_factors.s1[0]), jnp.where(warm, l_factors.s2, g_factors.s2[0])
+  )
+  active = jnp.where(warm, l_active, g_active[0])
+  # warm-up: ||g_i|| * min(1, lambda_abs / ||g||), as ||g_i|| / ||g|| * min(||g||, lambda_abs)
+  share = _reduce.Pow2(leaf.m / jnp.where(total.m > 0, total.m, 1), leaf.e - total.e).to_float32()
+  cap_g = jnp.minimum(total.to_float32(), jnp.asarray(lambda_abs, jnp.float32))
+  clipped = jnp.where(warm, jnp.minimum(leaf.to_float32(), caps), share * cap_g)
+  return factors, active, clipped, jnp.where(warm, caps, jnp.inf).astype(jnp.float32)
+
+
+def _adagc_gamma(gamma, clipped, warm, beta):
+  """``gamma`` after this step: the running minimum during warm-up, then the
+  EMA; a tensor with a zero norm keeps its own, and the first norm of a
+  tensor without one sets it."""
+  beta = jnp.asarray(beta, jnp.float32)
+  unset = jnp.isinf(gamma)
+  ema = jnp.where(unset, clipped, beta * gamma + (1 - beta) * clipped)
+  new = jnp.where(warm, ema, jnp.minimum(gamma, clipped))
+  return jnp.where(clipped > 0, new, gamma).astype(jnp.float32)
+
+
 # --------------------------------------------------------------------------- skip_on_spike
 
 
 @_stats.register(
   "skip_on_spike",
-  ("norm", "threshold", "z", "ema_mean", "ema_std", "skip_count", "consecutive_skips"),
+  (
+    "norm",
+    "threshold",
+    "z",
+    "ema_mean",
+    "ema_std",
+    "loss",
+    "loss_threshold",
+    "loss_z",
+    "skipped",
+    "nonfinite",
+    "norm_spike",
+    "loss_spike",
+    "skip_count",
+    "consecutive_skips",
+  ),
 )
 class SkipOnSpikeState(NamedTuple):
-  """State of :func:`~optax_gradctl.skip_on_spike`: statistics, estimator and inner state."""
+  """State of :func:`~optax_gradctl.skip_on_spike`: statistics, estimators and inner state."""
 
   norm: jax.Array  # float32: global L2 norm of the incoming gradient
   threshold: jax.Array  # float32: the norm above which a step is skipped (+inf in warm-up)
   z: jax.Array  # float32: the z-score of the norm (0 during warm-up)
   ema_mean: jax.Array  # float32
   ema_std: jax.Array  # float32
+  loss: jax.Array  # float32: the loss passed with the step (0 without one)
+  loss_threshold: jax.Array  # float32: the loss above which a step is skipped (+inf in warm-up)
+  loss_z: jax.Array  # float32: the z-score of the loss (0 during warm-up or without a loss)
+  skipped: jax.Array  # float32: 1.0 when this step was skipped
+  nonfinite: jax.Array  # float32: 1.0 when the gradient or the loss was not finite
+  norm_spike: jax.Array  # float32: 1.0 when the norm was an outlier
+  loss_spike: jax.Array  # float32: 1.0 when the loss was an outlier
   skip_count: jax.Array  # int32: steps skipped so far
   consecutive_skips: jax.Array  # int32: steps skipped in a row, up to this one
-  ema: _Ema
+  ema: _Ema  # of the norm
+  loss_ema: _Ema  # of the loss
   inner_state: Any
 
 
@@ -392,12 +569,13 @@ def skip_on_spike(
   inner: optax.GradientTransformation,
   *,
   z_threshold: ArrayLike = 6.0,
+  loss_z_threshold: ArrayLike | None = None,
   decay: ArrayLike = 0.99,
   warmup_steps: ArrayLike = 100,
   max_consecutive: ArrayLike = 10,
   axis_name: _reduce.AxisName = None,
-) -> optax.GradientTransformation:
-  """Skips the step when the gradient norm is a spike, like ``optax.apply_if_finite``.
+) -> optax.GradientTransformationExtraArgs:
+  """Skips the step when the gradient norm or the loss spikes, like ``optax.apply_if_finite``.
 
   The global L2 norm of each gradient is tracked with the estimator of
   :func:`zclip`: the mean and population variance of the first
@@ -407,16 +585,24 @@ def skip_on_spike(
   zero updates and leaves ``inner``'s state untouched, so Adam's moments are
   not polluted, and its norm does not enter the statistics.
 
+  The loss of the step may be passed too, through optax's extra arguments:
+  ``tx.update(grads, state, params, loss=loss)``. It is tracked the same way,
+  by its own estimator, and a step whose loss is non-finite, or a z-score
+  outlier above ``loss_z_threshold``, is skipped as well. Without a loss the
+  transform behaves as if it had no loss statistics. Extra arguments,
+  ``loss`` included, are passed on to ``inner``.
+
   So that training cannot stall, after ``max_consecutive`` skips in a row the
-  next finite step passes whatever its z; its norm enters the statistics and
-  the counter resets. Non-finite steps are always skipped and count towards
-  the run of skips. With ``max_consecutive=10`` and 2 skips already made, 8
-  more spikes are skipped and the 9th passes.
+  next finite step passes whatever its z; its norm and loss enter the
+  statistics and the counter resets. Non-finite steps are always skipped and
+  count towards the run of skips. With ``max_consecutive=10`` and 2 skips
+  already made, 8 more spikes are skipped and the 9th passes.
 
   Args:
     inner: the optimizer (or chain) to protect.
-    z_threshold: the z-score above which a step is skipped, ``> 0``.
-    decay: the EMA decay, in ``(0, 1)``.
+    z_threshold: the norm's z-score above which a step is skipped, ``> 0``.
+    loss_z_threshold: the loss's, ``> 0``; ``None``: ``z_threshold``.
+    decay: the EMAs' decay, in ``(0, 1)``.
     warmup_steps: finite steps before skipping starts, ``>= 1``.
     max_consecutive: skips in a row before a finite step is let through,
       ``>= 0``.
@@ -424,10 +610,12 @@ def skip_on_spike(
       ``shard_map``.
 
   Returns:
-    An :class:`optax.GradientTransformation` whose state,
-    :class:`SkipOnSpikeState`, records ``norm``, ``threshold``, ``z``,
-    ``ema_mean``, ``ema_std``, ``skip_count`` and ``consecutive_skips``, and
-    holds ``inner``'s state.
+    An :class:`optax.GradientTransformationExtraArgs` whose state,
+    :class:`SkipOnSpikeState`, records the norm's ``norm``, ``threshold``,
+    ``z``, ``ema_mean`` and ``ema_std``; the loss's ``loss``,
+    ``loss_threshold`` and ``loss_z``; whether the step was ``skipped`` and
+    why (``nonfinite``, ``norm_spike``, ``loss_spike``: 0 or 1 each); and
+    ``skip_count`` and ``consecutive_skips``. It holds ``inner``'s state.
 
   Raises:
     ValueError: if an argument is out of range or NaN.
@@ -437,49 +625,108 @@ def skip_on_spike(
     >>> import optax_gradctl as gc
     >>> tx = gc.skip_on_spike(optax.sgd(1.0), warmup_steps=3)
     >>> state = tx.init(jnp.zeros(1))
-    >>> for g in [1.0, 1.1, 0.9, 1.0, 100.0]:
-    ...   updates, state = tx.update(jnp.array([g]), state)
-    >>> float(updates[0]), int(state.skip_count)
-    (0.0, 1)
+    >>> for g, loss in [(1.0, 2.0), (1.1, 2.1), (0.9, 1.9), (1.0, 2.0), (1.0, 90.0)]:
+    ...   updates, state = tx.update(jnp.array([g]), state, loss=loss)
+    >>> float(updates[0]), int(state.skip_count), float(state.loss_spike), float(state.norm_spike)
+    (0.0, 1, 1.0, 0.0)
   """
   owner = "skip_on_spike"
   _check_ema_args(owner, z_threshold, decay, warmup_steps)
+  if loss_z_threshold is not None:
+    check_number(owner, "loss_z_threshold", loss_z_threshold, low=0.0, low_open=True)
   check_number(owner, "max_consecutive", max_consecutive, low=0.0, allow_inf=False, integer=True)
+  inner = optax.with_extra_args_support(inner)
+  loss_zt = z_threshold if loss_z_threshold is None else loss_z_threshold
 
   def init_fn(params: Any) -> SkipOnSpikeState:
-    z = _stats.zeros()
+    z, inf = _stats.zeros(), jnp.asarray(jnp.inf, jnp.float32)
     zero = jnp.zeros((), jnp.int32)
     return SkipOnSpikeState(
-      z, jnp.asarray(jnp.inf, jnp.float32), z, z, z, zero, zero, _ema_init(), inner.init(params)
+      z,
+      inf,
+      z,
+      z,
+      z,
+      z,
+      inf,
+      z,
+      z,
+      z,
+      z,
+      z,
+      zero,
+      zero,
+      _ema_init(),
+      _ema_init(),
+      inner.init(params),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, loss=None, **extra_args):
     _, _, _, norm, finite = _measure(updates, axis_name)
-    ema = state.ema
-    warm = _ema_warm(ema, warmup_steps)
-    z = jnp.where(warm & finite, _ema_z(ema, norm), 0.0)
-    spike = warm & (z > jnp.asarray(z_threshold, jnp.float32))
+    norm_check = _Spike.check(state.ema, norm, finite, z_threshold, warmup_steps)
+    if loss is None:
+      loss_value, loss_check = _stats.zeros(), _Spike.quiet()
+    else:
+      extra_args = {**extra_args, "loss": loss}
+      loss_value = jnp.asarray(loss, jnp.float32)
+      loss_ok = jnp.isfinite(loss_value)
+      loss_check = _Spike.check(state.loss_ema, loss_value, loss_ok, loss_zt, warmup_steps)
+      finite = finite & loss_ok
     let_through = state.consecutive_skips >= jnp.asarray(max_consecutive).astype(jnp.int32)
-    skip = ~finite | (spike & ~let_through)
-    inner_updates, inner_state = inner.update(updates, state.inner_state, params)
+    skip = ~finite | ((norm_check.spike | loss_check.spike) & ~let_through)
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
     inner_state = jax.tree.map(keep, inner_state, state.inner_state)
     out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), inner_updates)
-    ema = _ema_update(ema, norm, ~skip & jnp.isfinite(norm), warmup_steps, decay)
+    ema = _ema_update(state.ema, norm, ~skip & jnp.isfinite(norm), warmup_steps, decay)
+    loss_ema = state.loss_ema
+    if loss is not None:
+      loss_ema = _ema_update(loss_ema, loss_value, ~skip, warmup_steps, decay)
     ema_mean, ema_std = _ema_std_now(ema, warmup_steps)
-    cap = ema.mean + jnp.asarray(z_threshold, jnp.float32) * (jnp.sqrt(ema.var) + _EPS)
     skip_i = skip.astype(jnp.int32)
+    as_f32 = lambda b: b.astype(jnp.float32)  # noqa: E731
     new = SkipOnSpikeState(
       norm=norm,
-      threshold=jnp.where(_ema_warm(ema, warmup_steps), cap, jnp.inf).astype(jnp.float32),
-      z=z.astype(jnp.float32),
+      threshold=_Spike.cap(ema, z_threshold, warmup_steps),
+      z=norm_check.z,
       ema_mean=ema_mean,
       ema_std=ema_std,
+      loss=loss_value,
+      loss_threshold=_Spike.cap(loss_ema, loss_zt, warmup_steps),
+      loss_z=loss_check.z,
+      skipped=as_f32(skip),
+      nonfinite=as_f32(~finite),
+      norm_spike=as_f32(norm_check.spike),
+      loss_spike=as_f32(loss_check.spike),
       skip_count=state.skip_count + skip_i,
       consecutive_skips=(state.consecutive_skips + 1) * skip_i,
       ema=ema,
+      loss_ema=loss_ema,
       inner_state=inner_state,
     )
     return out, new
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _Spike(NamedTuple):
+  """A value's z-score against its estimator, and whether it is an outlier."""
+
+  z: jax.Array  # float32
+  spike: jax.Array  # bool
+
+  @staticmethod
+  def check(ema: _Ema, x: jax.Array, finite: jax.Array, z_threshold, warmup_steps) -> _Spike:
+    warm = _ema_warm(ema, warmup_steps)
+    z = jnp.where(warm & finite, _ema_z(ema, x), 0.0).astype(jnp.float32)
+    return _Spike(z, warm & (z > jnp.asarray(z_threshold, jnp.float32)))
+
+  @staticmethod
+  def quiet() -> _Spike:
+    return _Spike(_stats.zeros(), jnp.zeros((), bool))
+
+  @staticmethod
+  def cap(ema: _Ema, z_threshold, warmup_steps) -> jax.Array:
+    """The value above which the next step is an outlier (+inf in warm-up)."""
+    cap = ema.mean + jnp.asarray(z_threshold, jnp.float32) * (jnp.sqrt(ema.var) + _EPS)
+    return jnp.where(_ema_warm(ema, warmup_steps), cap, jnp.inf).astype(jnp.float32)

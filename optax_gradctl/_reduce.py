@@ -181,6 +181,9 @@ class Pow2(NamedTuple):
     a, b = split_exp2(self.e, self.m.dtype)
     return (self.m * a * b).astype(jnp.float32)
 
+  def reshape_flat(self) -> Pow2:
+    return Pow2(self.m.reshape(-1), self.e.reshape(-1))
+
   def sqrt(self) -> Pow2:
     """The square roots, exactly scaled: ``sqrt(m * 2**e)``."""
     odd = self.e % 2
@@ -707,6 +710,52 @@ def _norm_statistic(squares: Pow2) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
+# Finer scopes: units within a leaf, examples within a batch, groups of leaves
+
+
+def unit_norms(x: jax.Array, axis: tuple[int, ...]) -> Pow2:
+  """The L2 norm of each unit of ``x`` (reduced over ``axis``, kept as size-1
+  dimensions), exact over the whole float range: each unit's largest
+  magnitude sets a power of two that scales its elements to at most 1
+  before they are squared and summed in float32 (float64 for float64)."""
+  acc = acc_dtype([x])
+  y = x.astype(acc)
+  info = jnp.finfo(acc)
+  top = jnp.max(jnp.abs(y), axis=axis, keepdims=True, initial=0)
+  e = jnp.clip(exponent(top), 1 - info.maxexp, -info.minexp)
+  sumsq = jnp.sum(jnp.square(y * exp2(-e, acc)), axis=axis, keepdims=True)
+  return Pow2(safe_sqrt(sumsq), e)
+
+
+def example_norms(floats: Sequence[jax.Array], scope: Scope) -> Pow2:
+  """Per example (axis 0 of every leaf), the L2 norm over the leaves
+  (``scope="global"``: [B]) or of each leaf (``"leaf"``: [L, B]), exact over
+  the whole float range like :func:`unit_norms`."""
+  per_leaf = [unit_norms(x, tuple(range(1, x.ndim))) for x in floats]
+  leaf = Pow2(
+    jnp.stack([p.m.reshape(-1) for p in per_leaf]), jnp.stack([p.e.reshape(-1) for p in per_leaf])
+  )  # [L, B]
+  if scope == "leaf":
+    return leaf
+  squares = Pow2(jnp.square(leaf.m), 2 * leaf.e)
+  return squares.total(axis=0).sqrt()
+
+
+def group_norms(leaf_sumsq: Pow2, groups: Sequence[Hashable]) -> dict[Hashable, jax.Array]:
+  """The float32 L2 norm of each group of leaves, from the per-leaf sums of
+  squares a reduction already has: no second read of the gradient."""
+  index: dict[Hashable, list[int]] = {}
+  for i, g in enumerate(groups):
+    index.setdefault(g, []).append(i)
+  out = {}
+  for g, idx in index.items():
+    members = np.asarray(idx)
+    part = Pow2(leaf_sumsq.m[members], leaf_sumsq.e[members])
+    out[g] = part.total().sqrt().to_float32()
+  return out
+
+
+# --------------------------------------------------------------------------
 # Applying per-scope factors
 
 
@@ -776,7 +825,7 @@ class Factors(NamedTuple):
 
 
 def scale_factors(
-  value: Pow2, target: ArrayLike, clip: bool, *, after: Sequence[jax.Array] = ()
+  value: Pow2, target: ArrayLike | Pow2, clip: bool, *, after: Sequence[jax.Array] = ()
 ) -> tuple[Factors, jax.Array]:
   """The factors per scope that rescale norm ``value`` to ``target``.
 
@@ -786,7 +835,8 @@ def scale_factors(
 
   Args:
     value: the norm per scope.
-    target: the norm to rescale to (``max_norm``, or 1).
+    target: the norm to rescale to (``max_norm``, or 1): a number, one per
+      scope, or a :class:`Pow2` (a norm itself, which may exceed the dtype).
     clip: rescale only where ``value > target``; elsewhere both factors are
       exactly 1, and :func:`rescale` returns the leaf bitwise unchanged.
     after: statistics of the same leaves that the rescaling must wait for
@@ -820,11 +870,15 @@ def scale_factors(
   return Factors(s1, s2), active & finite
 
 
-def _split_target(target: ArrayLike, dtype: np.dtype):
+def _split_target(target: ArrayLike | Pow2, dtype: np.dtype):
   """``target`` in ``dtype`` and its ``frexp``: worked out at trace time for a
   concrete number (a hyperparameter usually is), in the program for a
-  traced one."""
-  if isinstance(target, jax.core.Tracer):
+  traced one. A :class:`Pow2` stands for its value (its ``m`` for the zero
+  and finiteness tests)."""
+  if isinstance(target, Pow2):
+    t = target.normalized()
+    return t.m.astype(dtype), t.m.astype(dtype), t.e
+  if isinstance(target, jax.Array):
     target = jnp.asarray(target, dtype)
     return (target, *jnp.frexp(target))
   with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as in the program

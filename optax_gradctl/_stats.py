@@ -77,6 +77,23 @@ class ZScoreLeafState(NamedTuple):
   norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
 
 
+@register("adaptive_grad_clip")
+class AdaptiveGradClipState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.adaptive_grad_clip`."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
+  clipped_fraction: jax.Array  # float32 (): fraction of units clipped
+
+
+@register("per_example_clip")
+class PerExampleClipState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.per_example_clip`."""
+
+  norm: jax.Array  # float32 (): global L2 norm of the incoming per-example gradients
+  clipped_fraction: jax.Array  # float32 (): fraction of examples clipped
+  max_example_norm: jax.Array  # float32 (): the largest example's norm
+
+
 def _is_state(x: Any) -> bool:
   return type(x) in _REGISTRY
 
@@ -130,7 +147,12 @@ def _collect(tree: Any, prefix: tuple, out: dict[str, jax.Array]) -> None:
     name, fields = _REGISTRY[type(node)]
     base = f"{where}/{name}" if where else name
     for field in fields:
-      out[f"{base}/{field}"] = _value(getattr(node, field))
+      value = getattr(node, field)
+      if isinstance(value, dict):  # one statistic per name, e.g. per layer group
+        for name, v in value.items():
+          out[f"{base}/{field}/{name}"] = _value(v)
+      else:
+        out[f"{base}/{field}"] = _value(value)
     for field in node._fields:
       if field not in fields:
         _collect(getattr(node, field), (*path, jax.tree_util.GetAttrKey(field)), out)

@@ -396,3 +396,169 @@ def test_traced_hyperparameters_under_inject_hyperparams():
   for x in [1.0, 1.1, 0.9, 100.0]:
     out, state = jax.jit(tx.update)(gradient(x), state)
   assert norm_of(out) == 0.0
+
+
+# ----------------------------------------------------------------------------- adagc
+
+
+def ref_adagc(steps, beta, lambda_abs, lambda_rel, warmup):
+  """Float64 AdaGC from the paper's algorithm and reference code (step t warms
+  up while t < warmup; the first step sets gamma), with this package's
+  choices: a non-finite step enters nothing, a zero norm leaves its gamma
+  alone, and an unset gamma is set by the first nonzero norm."""
+  gamma, t, rows = None, 0, []
+  for norms in steps:  # per-tensor norms of one step
+    norms = np.asarray(norms, np.float64)
+    if gamma is None:
+      gamma = np.full(norms.shape, np.inf)
+    if not np.all(np.isfinite(norms)):
+      rows.append(None)
+      continue
+    t += 1
+    if t < warmup:
+      total = np.sqrt(np.sum(norms**2))
+      h = min(lambda_abs / total, 1.0) if total > 0 else 1.0
+      clipped = norms * h
+      hit = np.full(norms.shape, total > lambda_abs)
+      new = np.minimum(gamma, clipped)
+      caps = np.full(norms.shape, np.inf)
+    else:
+      caps = lambda_rel * gamma
+      clipped = np.minimum(norms, caps)
+      hit = norms > caps
+      new = np.where(np.isinf(gamma), clipped, beta * gamma + (1 - beta) * clipped)
+    gamma = np.where(clipped > 0, new, gamma)
+    rows.append({"clipped": clipped, "fraction": np.mean(hit), "caps": caps, "gamma": gamma.copy()})
+  return rows
+
+
+def tensor_steps(steps=80, seed=0):
+  """Per-tensor norms of three tensors: noise, a spike in tensor 1, a zero
+  tensor 2 until step 10, a NaN step and an inf step."""
+  rng = np.random.default_rng(seed)
+  norms = np.exp(rng.normal(0, 0.1, (steps, 3))) * [1.0, 2.0, 0.5]
+  norms[:10, 2] = 0.0
+  norms[[40, 41, 60], 1] *= 50
+  norms[30, 0] = np.nan
+  norms[50, 2] = np.inf
+  return norms
+
+
+@pytest.mark.parametrize("warmup,lambda_abs", [(12, 1.5), (1, 1.0), (5, 100.0)])
+def test_adagc_matches_reference_step_by_step(warmup, lambda_abs):
+  steps = tensor_steps()
+  want = ref_adagc(steps, 0.98, lambda_abs, 1.05, warmup)
+  tx = gc.adagc(beta=0.98, lambda_abs=lambda_abs, lambda_rel=1.05, warmup_steps=warmup)
+  directions = [np.array([0.6, 0.8]), np.array([[1.0]]), np.array([0.0, 0.0, 1.0])]
+  g0 = {f"t{i}": jnp.asarray(d, jnp.float32) for i, d in enumerate(directions)}
+  state, step = tx.init(g0), jax.jit(tx.update)
+  for t, (norms, ref) in enumerate(zip(steps, want, strict=True)):
+    with np.errstate(invalid="ignore"):
+      g = {
+        f"t{i}": jnp.asarray(d * n, jnp.float32)
+        for i, (d, n) in enumerate(zip(directions, norms, strict=True))
+      }
+    out, new = step(g, state)
+    if ref is None:  # non-finite: NaN out, state unchanged
+      assert not np.all(np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])))
+      np.testing.assert_array_equal(new.gamma, state.gamma)
+      assert int(new.count) == int(state.count)
+    else:
+      got = [norm_of({"x": out[f"t{i}"]}) for i in range(3)]
+      np.testing.assert_allclose(got, ref["clipped"], rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
+      np.testing.assert_allclose(
+        np.asarray(new.gamma), ref["gamma"], rtol=1e-5, err_msg=f"step {t}"
+      )
+      np.testing.assert_allclose(
+        np.asarray(new.thresholds), ref["caps"], rtol=1e-5, err_msg=f"step {t}"
+      )
+      np.testing.assert_allclose(float(new.clipped_fraction), ref["fraction"], err_msg=f"step {t}")
+    state = new
+  assert float(jnp.max(state.gamma)) < np.inf  # the zero tensor got a gamma
+
+
+def test_adagc_clips_only_the_tensor_that_spikes():
+  tx = gc.adagc(lambda_abs=10.0, warmup_steps=3)
+  g = {"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.6, 0.8])}
+  state = tx.init(g)
+  for _ in range(4):
+    _, state = tx.update(g, state)
+  out, state = tx.update({"a": g["a"], "b": g["b"] * 100}, state)
+  np.testing.assert_array_equal(out["a"], g["a"])  # untouched, where a global clip would shrink it
+  np.testing.assert_allclose(norm_of({"b": out["b"]}), 1.05, rtol=1e-6)
+  assert gc.stats(state)["adagc/thresholds"].shape == (2,)
+
+
+def test_adagc_bad_arguments_and_structure():
+  for bad, match in [
+    (lambda: gc.adagc(beta=1.0), "beta"),
+    (lambda: gc.adagc(lambda_abs=0.0), "lambda_abs"),
+    (lambda: gc.adagc(lambda_rel=-1.0), "lambda_rel"),
+    (lambda: gc.adagc(warmup_steps=0), "warmup_steps"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      bad()
+  tx = gc.adagc()
+  with pytest.raises(ValueError, match="2 float leaves, the state 1"):
+    tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
+
+
+# ----------------------------------------------------------------------------- loss-aware skipping
+
+
+def ref_skip_with_loss(norms, losses, z_t, decay, warmup, max_consecutive):
+  """skip_on_spike's reference with a loss: a step is skipped if either value
+  is non-finite or either is an outlier of its own estimator."""
+  ema_n, ema_l, rows, skips, run = RefEma(warmup, decay), RefEma(warmup, decay), [], 0, 0
+  for x, loss in zip(norms, losses, strict=True):
+    finite = np.isfinite(x) and np.isfinite(loss)
+    n_spike = ema_n.warm and np.isfinite(x) and finite and ema_n.z(x) > z_t
+    l_spike = ema_l.warm and finite and ema_l.z(loss) > z_t
+    skip = (not finite) or ((n_spike or l_spike) and run < max_consecutive)
+    if skip:
+      skips, run = skips + 1, run + 1
+    else:
+      run = 0
+      ema_n.enter(x)
+      ema_l.enter(loss)
+    rows.append(
+      {"skip": skip, "count": skips, "loss_spike": l_spike, "norm_spike": n_spike, "finite": finite}
+    )
+  return rows
+
+
+def test_skip_on_spike_with_a_loss_matches_reference():
+  rng = np.random.default_rng(3)
+  steps = 150
+  norms = np.exp(rng.normal(0, 0.1, steps))
+  losses = 2.0 + rng.normal(0, 0.05, steps)
+  losses[[50, 51, 90]] *= 20  # loss spikes with ordinary norms
+  norms[[70, 120]] *= 40  # norm spikes with ordinary losses
+  losses[100] = np.nan
+  want = ref_skip_with_loss(norms, losses, 6.0, 0.99, 20, 10)
+  tx = gc.skip_on_spike(optax.sgd(1.0), z_threshold=6.0, decay=0.99, warmup_steps=20)
+  state, step = tx.init(gradient(1.0)), jax.jit(tx.update)
+  for t, (x, loss, ref) in enumerate(zip(norms, losses, want, strict=True)):
+    out, state = step(gradient(x), state, loss=jnp.float32(loss))
+    assert (norm_of(out) == 0.0) == ref["skip"], t
+    assert int(state.skip_count) == ref["count"], t
+    assert float(state.skipped) == ref["skip"]
+    assert (
+      float(state.loss_spike) == ref["loss_spike"] and float(state.norm_spike) == ref["norm_spike"]
+    ), t
+    assert float(state.nonfinite) == (not ref["finite"]), t
+  assert want[-1]["count"] == 6
+
+
+def test_skip_on_spike_counts_right_under_multisteps_and_inject_hyperparams():
+  inner = optax.inject_hyperparams(
+    lambda z_threshold: gc.skip_on_spike(optax.sgd(1.0), z_threshold=z_threshold, warmup_steps=3)
+  )(z_threshold=6.0)
+  tx = optax.MultiSteps(inner, every_k_schedule=2)
+  state, step = tx.init(gradient(1.0)), jax.jit(tx.update)
+  for loss in [2.0, 2.0, 2.1, 2.1, 1.9, 1.9, 2.0, 2.0, 50.0, 50.0, 2.0, 2.0]:
+    _, state = step(gradient(1.0), state, loss=jnp.float32(loss))
+  stats = gc.stats(state)
+  # six inner steps; the fifth (losses of 50) was skipped, counted once
+  assert int(stats["inner_opt_state/inner_state/skip_on_spike/skip_count"]) == 1
+  assert float(stats["inner_opt_state/inner_state/skip_on_spike/loss_spike"]) == 0.0

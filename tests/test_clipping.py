@@ -207,3 +207,24 @@ def test_gradient_through_update_is_finite_at_zero(make):
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
   grad = jax.grad(lambda t: sum(jnp.sum(x) for x in jax.tree.leaves(tx.update(t, state)[0])))(g)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(grad))
+
+
+def test_clipping_the_update_after_the_optimizer():
+  """Levanter's clip_update_norm, StableAdamW's update clipping: a gradctl
+  transform chained after the optimizer clips what it returns."""
+  tx = optax.chain(optax.adam(1.0), gc.clip_by_global_norm(0.1))
+  params = {"w": jnp.ones(4), "b": jnp.ones(2)}
+  state = tx.init(params)
+  g = {"w": jnp.array([1.0, -2.0, 3.0, -4.0]), "b": jnp.array([10.0, 0.0])}
+  updates, state = jax.jit(tx.update)(g, state, params)
+  adam_only, _ = optax.adam(1.0).update(g, optax.adam(1.0).init(params), params)
+  want = ref.clip_by_norm([ref.f64(x) for x in jax.tree.leaves(adam_only)], 0.1)
+  for got, w in zip(jax.tree.leaves(updates), want, strict=True):
+    np.testing.assert_allclose(ref.f64(got), w, rtol=1e-6)
+  stats = gc.stats(state)
+  np.testing.assert_allclose(
+    float(stats["1/clip_by_global_norm/norm"]),
+    ref.global_l2([ref.f64(x) for x in jax.tree.leaves(adam_only)]),
+    rtol=1e-6,
+  )
+  assert float(stats["1/clip_by_global_norm/clipped_fraction"]) == 1.0

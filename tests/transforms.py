@@ -5,18 +5,34 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import optax
 
 import optax_gradctl as gc
+from optax_gradctl import _reduce
 
 
 class Case(NamedTuple):
   factory: Callable[..., Any]
   kwargs: dict[str, Any]
   static: tuple[str, ...] = ()  # hyperparameters that inject_hyperparams must not trace
+  # False where the output cannot reuse the input's buffer (it loses the batch axis)
+  in_place: bool = True
 
   def make(self):
     return self.factory(**self.kwargs)
+
+
+def one_example(l2_norm_clip, scope="global") -> optax.GradientTransformation:
+  """per_example_clip on a batch of one: every float leaf gains a batch axis
+  and loses it in the sum, so the suite sees its shapes unchanged."""
+  inner = gc.per_example_clip(l2_norm_clip, scope=scope)
+
+  def update(updates, state, params=None):
+    batched = jax.tree.map(lambda x: x[None] if _reduce.is_float(x) else x, updates)
+    return inner.update(batched, state, params)
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 CASES: dict[str, Case] = {
@@ -35,4 +51,11 @@ CASES: dict[str, Case] = {
   "zclip": Case(gc.zclip, {"z_threshold": 2.0, "warmup_steps": 1, "max_norm": 3.0}),
   "autoclip": Case(gc.autoclip, {"percentile": 50.0, "history": 8}, static=("history",)),
   "skip_on_spike": Case(gc.skip_on_spike, {"inner": optax.identity(), "warmup_steps": 1}),
+  "adagc": Case(gc.adagc, {"lambda_abs": 0.5, "warmup_steps": 2}),
+  "adaptive_grad_clip": Case(gc.adaptive_grad_clip, {"clipping": 0.05}),
+  "per_example_clip_leaf": Case(
+    one_example, {"l2_norm_clip": 0.5, "scope": "leaf"}, in_place=False
+  ),
+  # inject_hyperparams takes any callable for a schedule: groups must be static
+  "monitor": Case(gc.monitor, {}, static=("groups",)),
 }

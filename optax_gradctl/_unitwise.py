@@ -1,0 +1,239 @@
+"""Clipping finer than a leaf: per unit of a layer (AGC), per example (DP-SGD)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from optax_gradctl import _reduce, _stats
+from optax_gradctl._validation import check_choice, check_number
+
+UnitAxis = int | tuple[int, ...] | None
+
+
+# --------------------------------------------------------------------------- AGC
+
+
+def _unit_axes(shape: tuple[int, ...], axis: UnitAxis, owner: str) -> tuple[int, ...]:
+  """The axes a unit's norm is taken over, as ``optax.adaptive_grad_clip``
+  chooses them: everything for scalars and vectors, the input axis of a
+  linear layer (rank 2 or 3, axis 0), the spatial and input axes of a
+  convolution (rank 4 or 5, all but the last)."""
+  ndim = len(shape)
+  if axis is not None:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axes) if ndim else ()
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(ndim))
+  if ndim in (2, 3):
+    return (0,)
+  if ndim in (4, 5):
+    return tuple(range(ndim - 1))
+  raise ValueError(
+    f"{owner}: no default unit for a leaf of shape {shape} (rank {ndim}); pass axis= the axes"
+    " each unit's norm is taken over"
+  )
+
+
+def _at_least(value: _reduce.Pow2, floor: ArrayLike) -> _reduce.Pow2:
+  """``max(value, floor)`` for a non-negative ``value`` and number ``floor``."""
+  f_m, f_e = jnp.frexp(jnp.asarray(floor, value.m.dtype))
+  v = value.normalized()
+  below = (v.m == 0) | (v.e < f_e) | ((v.e == f_e) & (v.m < f_m))
+  return _reduce.Pow2(jnp.where(below, f_m, v.m).astype(v.m.dtype), jnp.where(below, f_e, v.e))
+
+
+def _times(value: _reduce.Pow2, factor: ArrayLike) -> _reduce.Pow2:
+  """``factor * value``, the factor's exponent carried in ``e``."""
+  f_m, f_e = jnp.frexp(jnp.asarray(factor, value.m.dtype))
+  return _reduce.Pow2(value.m * f_m, value.e + f_e.astype(jnp.int32))
+
+
+def adaptive_grad_clip(
+  clipping: ArrayLike, *, eps: ArrayLike = 1e-3, axis: UnitAxis = None
+) -> optax.GradientTransformation:
+  """Adaptive gradient clipping (AGC): each unit's gradient norm at most
+  ``clipping`` times its parameter norm.
+
+  .. math::
+    g_u \\leftarrow g_u \\cdot \\min\\left(1, \\frac{\\lambda \\max(\\|w_u\\|, \\epsilon)}{\\|g_u\\|}\\right)
+
+  A *unit* is one output of a layer: the norms are taken over the axes
+  ``optax.adaptive_grad_clip`` uses (the input axis of a dense kernel, the
+  spatial and input axes of a convolution, the whole of a bias or scalar), or
+  over ``axis``. On ordinary inputs the result equals
+  ``optax.adaptive_grad_clip``'s. Its norms, though, are computed like every
+  norm here, scaled by a power of two and summed in float32: float16 and
+  bfloat16 gradients and parameters of any magnitude clip to the right
+  value, where optax's float16 norms overflow and return zeros.
+
+  ``update`` needs ``params``, with the structure of the updates.
+
+  Args:
+    clipping: the largest ratio of a unit's gradient norm to its parameter
+      norm, ``>= 0``.
+    eps: the parameter norm below which ``eps`` is used instead, ``>= 0``:
+      zero-initialized parameters still move.
+    axis: the axes each unit's norm is taken over, for every leaf; ``None``
+      chooses by rank as above.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`AdaptiveGradClipState`, records ``norm`` (the global L2 norm of
+    the incoming gradient) and ``clipped_fraction`` (the fraction of units
+    clipped).
+
+  Raises:
+    ValueError: if ``clipping`` or ``eps`` is negative or NaN; in ``update``,
+      without ``params``, or for a leaf of rank above 5 without ``axis``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.adaptive_grad_clip(0.1)
+    >>> w = {"kernel": jnp.array([[3.0, 0.1], [4.0, 0.1]])}  # unit norms 5 and 0.14
+    >>> g = {"kernel": jnp.array([[3.0, 0.01], [4.0, 0.01]])}  # 5 and 0.014
+    >>> updates, state = tx.update(g, tx.init(w), w)
+    >>> updates["kernel"]  # the first unit to 0.1 * 5, the second left alone
+    Array([[0.3 , 0.01],
+           [0.4 , 0.01]], dtype=float32)
+    >>> float(state.clipped_fraction)
+    0.5
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+  """
+  owner = "adaptive_grad_clip"
+  check_number(owner, "clipping", clipping, low=0.0)
+  check_number(owner, "eps", eps, low=0.0, allow_inf=False)
+
+  def init_fn(params: Any) -> _stats.AdaptiveGradClipState:
+    del params
+    return _stats.AdaptiveGradClipState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
+
+  def update_fn(updates, state, params=None):
+    del state
+    if params is None:
+      raise ValueError(
+        f"{owner}: update needs params (pass them as tx.update(updates, state, params))"
+      )
+    leaves, treedef = jax.tree.flatten(updates)
+    weights = treedef.flatten_up_to(params)
+    out, squares, clipped, units = list(leaves), [], [], 0
+    for i, (g, w) in enumerate(zip(leaves, weights, strict=True)):
+      if not _reduce.is_float(g):
+        continue
+      g = jnp.asarray(g)
+      axes = _unit_axes(g.shape, axis, owner)
+      g_norm = _reduce.unit_norms(g, axes)
+      limit = _times(_at_least(_reduce.unit_norms(jnp.asarray(w), axes), eps), clipping)
+      factors, active = _reduce.scale_factors(g_norm, limit, clip=True)
+      y = g.astype(g_norm.m.dtype)
+      out[i] = jnp.where(factors.s1 == 1, y, y * factors.s1 * factors.s2).astype(g.dtype)
+      squares.append(_reduce.Pow2(jnp.square(g_norm.m), 2 * g_norm.e).reshape_flat())
+      clipped.append(jnp.sum(active))
+      units += active.size
+    if not squares:
+      return jax.tree.unflatten(treedef, out), init_fn(None)
+    total = _reduce.Pow2(
+      jnp.concatenate([s.m for s in squares]), jnp.concatenate([s.e for s in squares])
+    )
+    norm = total.total().sqrt().to_float32()
+    fraction = (sum(clipped) / units).astype(jnp.float32)
+    return jax.tree.unflatten(treedef, out), _stats.AdaptiveGradClipState(norm, fraction)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- per-example clipping
+
+
+def per_example_clip(
+  l2_norm_clip: ArrayLike, *, scope: _reduce.Scope = "global"
+) -> optax.GradientTransformation:
+  """Clips each example's gradient to norm ``l2_norm_clip`` and sums them (DP-SGD).
+
+  ``update`` takes per-example gradients: every float leaf has the batch on
+  its axis 0. Each example's gradient is clipped to its own L2 norm, taken
+  over all leaves (``scope="global"``, as
+  ``optax.per_example_global_norm_clip``) or over each leaf alone
+  (``scope="leaf"``), and the clipped gradients are summed over the batch,
+  in float32 and cast back. The norms are exact over the whole float range.
+  Non-float leaves pass through.
+
+  Args:
+    l2_norm_clip: the largest norm of one example's gradient, ``>= 0``.
+    scope: ``"global"`` or ``"leaf"``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state,
+    :class:`PerExampleClipState`, records ``norm`` (the global L2 norm of the
+    incoming per-example gradients), ``clipped_fraction`` (the fraction of
+    examples clipped; of (leaf, example) pairs with ``scope="leaf"``) and
+    ``max_example_norm``.
+
+  Raises:
+    ValueError: if ``l2_norm_clip`` is negative or NaN or ``scope`` unknown;
+      in ``update``, if the float leaves do not share a batch axis 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> tx = gc.per_example_clip(1.0)
+    >>> g = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # two examples, norms 5 and 0.5
+    >>> updates, state = tx.update(g, tx.init(g))
+    >>> updates["w"], float(state.clipped_fraction)
+    (Array([0.90000004, 1.2       ], dtype=float32), 0.5)
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016
+  """
+  owner = "per_example_clip"
+  check_number(owner, "l2_norm_clip", l2_norm_clip, low=0.0)
+  check_choice(owner, "scope", scope, _reduce.SCOPES)
+
+  def init_fn(params: Any) -> _stats.PerExampleClipState:
+    del params
+    z = _stats.zeros()
+    return _stats.PerExampleClipState(norm=z, clipped_fraction=z, max_example_norm=z)
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    floats, rebuild = _reduce.split_floats(updates)
+    if not floats:
+      return rebuild(floats), init_fn(None)
+    _check_batch(floats, owner)
+    norms = _reduce.example_norms(floats, scope)  # [B] or [L, B]
+    factors, active = _reduce.scale_factors(norms, l2_norm_clip, clip=True)
+    out = []
+    for i, x in enumerate(floats):
+      s1, s2 = (factors.s1, factors.s2) if scope == "global" else (factors.s1[i], factors.s2[i])
+      column = (-1,) + (1,) * (x.ndim - 1)
+      s1, s2 = s1.reshape(column), s2.reshape(column)
+      y = x.astype(norms.m.dtype)
+      out.append(jnp.sum(jnp.where(s1 == 1, y, y * s1 * s2), axis=0).astype(x.dtype))
+    squares = _reduce.Pow2(jnp.square(norms.m), 2 * norms.e).reshape_flat()
+    new = _stats.PerExampleClipState(
+      norm=squares.total().sqrt().to_float32(),
+      clipped_fraction=jnp.mean(active.astype(jnp.float32)),
+      max_example_norm=jnp.max(norms.to_float32()),
+    )
+    return rebuild(out), new
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_batch(floats: Sequence[jax.Array], owner: str) -> None:
+  sizes = {x.shape[0] if x.ndim else None for x in floats}
+  if None in sizes or len(sizes) != 1:
+    shapes = [tuple(x.shape) for x in floats]
+    raise ValueError(
+      f"{owner}: every float leaf needs the batch on axis 0, with one batch size; got shapes {shapes}"
+    )
