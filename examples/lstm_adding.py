@@ -123,8 +123,10 @@ def group_norms(grads: Any) -> jax.Array:
 def make_tx(name: str, cfg: argparse.Namespace) -> optax.GradientTransformation:
   """The gradient control ``name`` in front of the optimizer."""
   opt = make_optimizer(cfg)
-  if name == "skip_on_spike":
-    return gc.skip_on_spike(opt)  # wraps the optimizer: a spike skips the whole step
+  if name in ("skip_on_spike", "skip_on_loss_spike"):
+    # wraps the optimizer: a spike skips the whole step. The training step
+    # gives skip_on_loss_spike the loss too (LOSS_AWARE).
+    return gc.skip_on_spike(opt)
   if name == "none":
     control = gc.clip_by_global_norm(jnp.inf)  # changes nothing; records the norm
   elif name == "clip_by_value":
@@ -139,14 +141,26 @@ def make_tx(name: str, cfg: argparse.Namespace) -> optax.GradientTransformation:
     control = gc.zclip()
   elif name == "autoclip":
     control = gc.autoclip()
+  elif name == "adagc":
+    control = gc.adagc()
+  elif name == "adaptive_grad_clip":
+    control = gc.adaptive_grad_clip(cfg.agc_clipping)
   else:
     raise ValueError(f"--controls: unknown control {name!r}; choose from {', '.join(ALL_CONTROLS)}")
   return optax.chain(control, opt)
 
 
 CONTROLS = ("none", "clip_by_value", "clip_by_global_norm", "unit_rescale", "zscore")
-ADAPTIVE = ("zclip", "autoclip", "skip_on_spike")
+ADAPTIVE = (
+  "zclip",
+  "autoclip",
+  "skip_on_spike",
+  "skip_on_loss_spike",
+  "adagc",
+  "adaptive_grad_clip",
+)
 ALL_CONTROLS = CONTROLS + ADAPTIVE
+LOSS_AWARE = ("skip_on_loss_spike",)  # given the loss: tx.update(grads, state, params, loss=loss)
 
 
 def make_optimizer(cfg: argparse.Namespace) -> optax.GradientTransformation:
@@ -195,7 +209,7 @@ def make_runner(control: str, cfg: argparse.Namespace):
       targets = jnp.where(spike, targets * cfg.spike_scale, targets)
     loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets)
     groups = group_norms(grads)
-    opt.update(model, grads)
+    opt.update(model, grads, **({"loss": loss} if control in LOSS_AWARE else {}))
     norm = next(v for k, v in gc.stats(opt.opt_state).items() if k.endswith("/norm"))
     return nnx.state((model, opt)), (loss, norm, groups)
 
@@ -452,8 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     nargs="+",
     choices=ALL_CONTROLS,
     default=list(CONTROLS),
-    help="gradient controls to compare (zclip, autoclip and skip_on_spike with their defaults;"
-    " skip_on_spike wraps the optimizer)",
+    help="gradient controls to compare (the adaptive ones with their defaults; skip_on_spike"
+    " wraps the optimizer, skip_on_loss_spike is skip_on_spike given the loss as well)",
   )
   p.add_argument(
     "--seeds", type=int, default=3, help="seeds per control (initial weights and data)"
@@ -466,6 +480,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--max-norm", type=float, default=1.0, help="threshold of clip_by_global_norm")
   p.add_argument("--clip-value", type=float, default=1.0, help="threshold of clip_by_value")
+  p.add_argument(
+    "--agc-clipping",
+    type=float,
+    default=0.05,
+    help="adaptive_grad_clip's largest ratio of a unit's gradient norm to its parameter norm",
+  )
   p.add_argument(
     "--recurrent-scale",
     type=float,

@@ -189,9 +189,17 @@ class Pow2(NamedTuple):
     odd = self.e % 2
     return Pow2(safe_sqrt(self.m * (1 + odd).astype(self.m.dtype)), (self.e - odd) // 2)
 
-  def total(self, axis: int = -1) -> Pow2:
-    """The sum along ``axis``, taken at the largest exponent so that it cannot
-    overflow; terms more than the dtype's range below it are negligible."""
+  def total(self, axis: int | None = -1) -> Pow2:
+    """The sum along ``axis`` (all axes for ``None``), taken at the largest
+    exponent so that it cannot overflow; terms more than the dtype's range
+    below it are negligible."""
+    if axis is None:
+      flat = self.reshape_flat() if self.m.ndim != 1 else self
+      return (
+        flat.total(0)
+        if flat.m.shape[0]
+        else Pow2(jnp.zeros((), self.m.dtype), jnp.zeros((), jnp.int32))
+      )
     if self.m.shape[axis] == 1:
       return Pow2(jnp.squeeze(self.m, axis), jnp.squeeze(self.e, axis))
     v = self.normalized()
@@ -264,7 +272,17 @@ def float_axes(axis_name: Any, tree: Any) -> Axes | None:
 
 
 def _axis_size(names: tuple[Hashable, ...]) -> int:
-  return math.prod(lax.axis_size(n) for n in names)
+  return math.prod(_one_axis_size(n) for n in names)
+
+
+def _one_axis_size(name: Hashable) -> int:
+  try:
+    return lax.axis_size(name)
+  except NameError:
+    raise ValueError(
+      f"axis_name: {name!r} is not an axis of the mesh this runs on: axis_name names the"
+      " mesh axes inside shard_map (under plain jit, over sharded arrays, leave it None)"
+    ) from None
 
 
 def _weights(axes: Axes | None) -> np.ndarray | None:

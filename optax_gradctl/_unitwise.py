@@ -136,14 +136,12 @@ def adaptive_grad_clip(
       factors, active = _reduce.scale_factors(g_norm, limit, clip=True)
       y = g.astype(g_norm.m.dtype)
       out[i] = jnp.where(factors.s1 == 1, y, y * factors.s1 * factors.s2).astype(g.dtype)
-      squares.append(_reduce.Pow2(jnp.square(g_norm.m), 2 * g_norm.e).reshape_flat())
+      squares.append(_reduce.Pow2(jnp.square(g_norm.m), 2 * g_norm.e).total(axis=None))
       clipped.append(jnp.sum(active))
       units += active.size
     if not squares:
       return jax.tree.unflatten(treedef, out), init_fn(None)
-    total = _reduce.Pow2(
-      jnp.concatenate([s.m for s in squares]), jnp.concatenate([s.e for s in squares])
-    )
+    total = _reduce.Pow2(jnp.stack([s.m for s in squares]), jnp.stack([s.e for s in squares]))
     norm = total.total().sqrt().to_float32()
     fraction = (sum(clipped) / units).astype(jnp.float32)
     return jax.tree.unflatten(treedef, out), _stats.AdaptiveGradClipState(norm, fraction)
