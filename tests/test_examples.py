@@ -109,7 +109,8 @@ def test_quick_run_writes_its_artefacts(tmp_path):
     assert f"| {name} |" in summary
 
 
-def test_sharded_example_matches_one_device():
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sharded_example_matches_one_device(processes):
   proc = subprocess.run(
     [
       sys.executable,
@@ -118,6 +119,10 @@ def test_sharded_example_matches_one_device():
       "12",
       "--log-every",
       "4",
+      "--processes",
+      processes,
+      "--timeout",
+      "300",
     ],
     capture_output=True,
     text=True,
@@ -126,3 +131,5 @@ def test_sharded_example_matches_one_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(x for x in proc.stdout.splitlines() if x.startswith("largest relative difference"))
   assert float(line.rsplit(":", 1)[1]) < 1e-5
+  if processes == "2":
+    assert "norm, shard_map, 2 processes" in proc.stdout
