@@ -41,6 +41,21 @@ CASES = [
   ("one inf element", lambda: jnp.array([1.0, np.inf, 1.0, 1.0])),
 ]
 
+# Unit-wise clipping needs parameters: a 4 x 3 kernel, its 3 units of norm
+# 0.1 * 2 * 100 = 20 at most.
+AGC_CASES = [
+  (
+    "float16 4x3 kernel gradient of 300s, params of 100s",
+    jnp.full((4, 3), 300.0, jnp.float16),
+    jnp.full((4, 3), 100.0, jnp.float16),
+  ),
+  (
+    "float32 4x3 kernel gradient of 1e20s, params of 1e19s",
+    jnp.full((4, 3), 1e20, jnp.float32),
+    jnp.full((4, 3), 1e19, jnp.float32),
+  ),
+]
+
 PAIRS = [
   ("clip to norm 1", optax.clip_by_global_norm(1.0), gc.clip_by_global_norm(1.0)),
   ("rescale to norm 1", optax.normalize_by_update_norm(scale_factor=-1.0), gc.unit_rescale()),
@@ -61,6 +76,10 @@ def main() -> None:
     print(
       f"| {case} | global norm | {float(optax.tree.norm(g)):.4g} | {float(gc.global_norm(g)):.4g} |"
     )
+  for case, g, w in AGC_CASES:
+    theirs = optax.adaptive_grad_clip(0.1).update(g, optax.EmptyState(), w)[0]
+    ours = gc.adaptive_grad_clip(0.1).update(g, None, w)[0]
+    print(f"| {case} | AGC, clipping 0.1 | {describe(theirs)} | {describe(ours)} |")
 
 
 if __name__ == "__main__":

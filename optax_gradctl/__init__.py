@@ -36,7 +36,7 @@ from optax_gradctl._stats import stats as stats
 from optax_gradctl._unitwise import adaptive_grad_clip as adaptive_grad_clip
 from optax_gradctl._unitwise import per_example_clip as per_example_clip
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
   "AdaGCState",
