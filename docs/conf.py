@@ -5,14 +5,17 @@ Build: ``pip install -e ".[docs]" && sphinx-build -W -b html docs docs/_build/ht
 
 import os
 import sys
+from pathlib import Path
+
+from docutils.parsers.rst import Directive
 
 sys.path.insert(0, os.path.abspath(".."))
 
-import optax_gradctl  # noqa: E402
+import optax_gradctl
 
 project = "optax_gradctl"
 author = "The optax_gradctl authors"
-copyright = "2026, the optax_gradctl authors"  # noqa: A001
+copyright = "2026, the optax_gradctl authors"
 release = optax_gradctl.__version__
 version = release
 
@@ -30,6 +33,13 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
+# Strict (-n): every reference to this package must resolve. Names of other
+# libraries are not linked (the build is offline, without intersphinx).
+nitpicky = True
+nitpick_ignore_regex = [
+  (r"py:.*", r"(optax|jax|jaxlib|flax|numpy|collections|typing|builtins)(\..*)?")
+]
+
 html_theme = "alabaster"
 html_title = f"optax_gradctl {release}"
 html_theme_options = {
@@ -39,3 +49,30 @@ html_theme_options = {
   "sidebar_width": "240px",
 }
 html_static_path: list[str] = []
+
+
+class MarkdownTable(Directive):
+  """``.. markdown-table:: path.md``: the first pipe table of a Markdown
+  result file (the examples' and benchmarks' summaries), as a list-table, so
+  that the pages show the committed results rather than a copy of them."""
+
+  required_arguments = 1
+
+  def run(self):
+    source = Path(self.state.document.current_source).parent / self.arguments[0]
+    rows = [
+      [cell.strip() for cell in line.strip().strip("|").split("|")]
+      for line in source.read_text().splitlines()
+      if line.startswith("|") and not set(line) <= set("|-: ")
+    ]
+    if not rows:
+      raise self.error(f"markdown-table: no table in {source}")
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in rows:
+      lines += [f"   * - {row[0]}"] + [f"     - {cell}" for cell in row[1:]]
+    self.state_machine.insert_input(lines, str(source))
+    return []
+
+
+def setup(app):
+  app.add_directive("markdown-table", MarkdownTable)

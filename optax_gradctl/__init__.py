@@ -9,6 +9,7 @@ their state.
 
 from optax_gradctl._adaptive import AdaGCState as AdaGCState
 from optax_gradctl._adaptive import AutoClipState as AutoClipState
+from optax_gradctl._adaptive import EmaState as EmaState
 from optax_gradctl._adaptive import SkipOnSpikeState as SkipOnSpikeState
 from optax_gradctl._adaptive import ZClipState as ZClipState
 from optax_gradctl._adaptive import adagc as adagc
@@ -45,6 +46,7 @@ __all__ = (
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "EmaState",
   "MonitorState",
   "PerExampleClipState",
   "SkipOnSpikeState",

@@ -42,8 +42,9 @@ def _clip_global(floats, l2: _reduce.Pow2, limit: jax.Array, finite: jax.Array):
 # --------------------------------------------------------------------------- the EMA estimator
 
 
-class _Ema(NamedTuple):
-  """Warm-up accumulators, then an exponential moving mean and variance."""
+class EmaState(NamedTuple):
+  """The estimator of :func:`zclip` and :func:`skip_on_spike`: warm-up
+  accumulators, then an exponential moving mean and variance."""
 
   count: jax.Array  # int32: finite norms seen, saturating at warmup_steps
   warm_mean: jax.Array  # float32: running mean of the warm-up norms (Welford)
@@ -52,22 +53,22 @@ class _Ema(NamedTuple):
   var: jax.Array  # float32: EMA variance, once warm
 
 
-def _ema_init() -> _Ema:
+def _ema_init() -> EmaState:
   z = _stats.zeros()
-  return _Ema(jnp.zeros((), jnp.int32), z, z, z, z)
+  return EmaState(jnp.zeros((), jnp.int32), z, z, z, z)
 
 
-def _ema_warm(ema: _Ema, warmup_steps: ArrayLike) -> jax.Array:
+def _ema_warm(ema: EmaState, warmup_steps: ArrayLike) -> jax.Array:
   return ema.count >= jnp.asarray(warmup_steps).astype(jnp.int32)
 
 
-def _ema_z(ema: _Ema, norm: jax.Array) -> jax.Array:
+def _ema_z(ema: EmaState, norm: jax.Array) -> jax.Array:
   """The z-score of ``norm``: +inf for an overflowing norm, NaN for a NaN one."""
   std = jnp.sqrt(ema.var)
   return jnp.where(jnp.isinf(norm), jnp.inf, (norm - ema.mean) / (std + _EPS))
 
 
-def _ema_update(ema: _Ema, x: jax.Array, enter: jax.Array, warmup_steps, decay) -> _Ema:
+def _ema_update(ema: EmaState, x: jax.Array, enter: jax.Array, warmup_steps, decay) -> EmaState:
   """``ema`` with ``x`` entered where ``enter``; bitwise unchanged elsewhere.
 
   During warm-up ``x`` joins the running mean and population variance; the
@@ -85,7 +86,7 @@ def _ema_update(ema: _Ema, x: jax.Array, enter: jax.Array, warmup_steps, decay) 
   warm_mean = ema.warm_mean + delta / count.astype(jnp.float32)
   warm_m2 = ema.warm_m2 + delta * (x - warm_mean)
   done = count >= warmup_steps
-  during = _Ema(
+  during = EmaState(
     count,
     warm_mean,
     warm_m2,
@@ -99,7 +100,7 @@ def _ema_update(ema: _Ema, x: jax.Array, enter: jax.Array, warmup_steps, decay) 
   return jax.tree.map(lambda a, b: jnp.where(enter, a, b), new, ema)
 
 
-def _ema_std_now(ema: _Ema, warmup_steps) -> tuple[jax.Array, jax.Array]:
+def _ema_std_now(ema: EmaState, warmup_steps) -> tuple[jax.Array, jax.Array]:
   """The mean and std to report: the warm-up's so far, then the EMA's."""
   warm = _ema_warm(ema, warmup_steps)
   n = jnp.maximum(ema.count, 1).astype(jnp.float32)
@@ -127,7 +128,7 @@ class ZClipState(NamedTuple):
   clipped_fraction: jax.Array  # float32: 1.0 when this step was clipped, else 0.0
   ema_mean: jax.Array  # float32: mean of the norm (of the warm-up so far, then the EMA)
   ema_std: jax.Array  # float32: its standard deviation
-  ema: _Ema  # the estimator
+  ema: EmaState  # the estimator
 
 
 def zclip(
@@ -560,8 +561,8 @@ class SkipOnSpikeState(NamedTuple):
   loss_spike: jax.Array  # float32: 1.0 when the loss was an outlier
   skip_count: jax.Array  # int32: steps skipped so far
   consecutive_skips: jax.Array  # int32: steps skipped in a row, up to this one
-  ema: _Ema  # of the norm
-  loss_ema: _Ema  # of the loss
+  ema: EmaState  # of the norm
+  loss_ema: EmaState  # of the loss
   inner_state: Any
 
 
@@ -716,7 +717,7 @@ class _Spike(NamedTuple):
   spike: jax.Array  # bool
 
   @staticmethod
-  def check(ema: _Ema, x: jax.Array, finite: jax.Array, z_threshold, warmup_steps) -> _Spike:
+  def check(ema: EmaState, x: jax.Array, finite: jax.Array, z_threshold, warmup_steps) -> _Spike:
     warm = _ema_warm(ema, warmup_steps)
     z = jnp.where(warm & finite, _ema_z(ema, x), 0.0).astype(jnp.float32)
     return _Spike(z, warm & (z > jnp.asarray(z_threshold, jnp.float32)))
@@ -726,7 +727,7 @@ class _Spike(NamedTuple):
     return _Spike(_stats.zeros(), jnp.zeros((), bool))
 
   @staticmethod
-  def cap(ema: _Ema, z_threshold, warmup_steps) -> jax.Array:
+  def cap(ema: EmaState, z_threshold, warmup_steps) -> jax.Array:
     """The value above which the next step is an outlier (+inf in warm-up)."""
     cap = ema.mean + jnp.asarray(z_threshold, jnp.float32) * (jnp.sqrt(ema.var) + _EPS)
     return jnp.where(_ema_warm(ema, warmup_steps), cap, jnp.inf).astype(jnp.float32)

@@ -62,3 +62,8 @@ def strategy(request, monkeypatch):
 
   monkeypatch.setattr(_reduce, "RESCALING", request.param)
   return request.param
+
+
+# A script the multi-process tests launch, not a module to import: it joins a
+# distributed run at import.
+collect_ignore = ["multiprocess_worker.py"]

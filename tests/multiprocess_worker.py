@@ -3,7 +3,7 @@
 Usage: ``python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``
 
 Joins a JAX multi-controller run on 127.0.0.1:PORT with 4 CPU devices of its
-own, runs every check on global arrays whose shards live in different
+own (its launcher sets XLA_FLAGS), runs every check on global arrays whose shards live in different
 processes, and pickles what it saw to OUT_DIR/result_PROCESS_ID.pkl: updates
 gathered to whole arrays, ``gc.stats`` values, and adaptive states as this
 process holds them.
@@ -15,8 +15,6 @@ import os
 import pickle
 import sys
 import time
-
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import jax
 

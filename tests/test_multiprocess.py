@@ -1,8 +1,8 @@
 """Two JAX processes, 4 CPU devices each, on 127.0.0.1: the statistics stay exact
 and identical when the devices belong to different processes.
 
-The fixture starts tests/multiprocess_worker.py twice (JAX's multi-controller
-runtime, gloo collectives, the code path of a GPU cluster or a TPU pod), waits
+Once per test run, the fixture starts tests/multiprocess_worker.py twice (JAX's
+multi-controller runtime, gloo collectives, the code path of a GPU cluster or a TPU pod), waits
 for both within a time limit, and ends them and their process groups whatever
 happens. Each check here compares what the processes saw with each other and
 with one process computing on the whole gradient.
@@ -10,6 +10,7 @@ with one process computing on the whole gradient.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import pickle
@@ -32,11 +33,9 @@ import optax_gradctl as gc
 from . import multiprocess_cases as cases
 from . import reference as ref
 
-# One xdist worker runs this module, so that the processes start once.
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 PROCESSES = 2
+DEVICES_PER_PROCESS = 4
 TIME_LIMIT = 240.0  # seconds for both workers: a hung one fails the test
 
 
@@ -57,11 +56,12 @@ def _end(procs: list[subprocess.Popen]) -> None:
     p.wait()
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[dict]:
-  out = tmp_path_factory.mktemp("multiprocess")
+def _run_workers(out: Path) -> list[dict]:
+  """Starts the worker processes, waits for them within TIME_LIMIT, ends them
+  and their process groups whatever happens, and returns what they saw."""
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
   logs = [open(out / f"log_{i}.txt", "w") for i in range(PROCESSES)]
   procs: list[subprocess.Popen] = []
   try:
@@ -83,14 +83,38 @@ def results(tmp_path_factory) -> list[dict]:
       f"--- worker {i}:\n" + (out / f"log_{i}.txt").read_text()[-3000:] for i in range(PROCESSES)
     )
     if hung:
-      pytest.fail(f"workers {hung} still running after {TIME_LIMIT:.0f} s: killed\n{tails}")
+      raise RuntimeError(f"workers {hung} still running after {TIME_LIMIT:.0f} s: killed\n{tails}")
     if any(p.returncode != 0 for p in procs):
-      pytest.fail(f"worker exit codes {[p.returncode for p in procs]}\n{tails}")
+      raise RuntimeError(f"worker exit codes {[p.returncode for p in procs]}\n{tails}")
     return [pickle.loads((out / f"result_{i}.pkl").read_bytes()) for i in range(PROCESSES)]
   finally:
     _end(procs)
     for log in logs:
       log.close()
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> list[dict]:
+  """What the workers saw, computed once per test run: under pytest-xdist the
+  first test worker to ask starts the processes, holding a lock in the run's
+  shared temporary directory, and the others wait for it and read its result
+  (or its failure)."""
+  run_dir = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    run_dir = run_dir.parent  # the run's directory, above each test worker's own
+  shared = run_dir / "multiprocess"
+  shared.mkdir(exist_ok=True)
+  with open(shared / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    done, failed = shared / "results.pkl", shared / "failed.txt"
+    if not done.exists() and not failed.exists():
+      try:
+        done.write_bytes(pickle.dumps(_run_workers(shared)))
+      except Exception as e:
+        failed.write_text(str(e))
+    if failed.exists():
+      pytest.fail(failed.read_text())
+    return pickle.loads(done.read_bytes())
 
 
 def close(a, b, rtol=2e-6, atol=1e-7):

@@ -18,6 +18,8 @@ class Case(NamedTuple):
   static: tuple[str, ...] = ()  # hyperparameters that inject_hyperparams must not trace
   # False where the output cannot reuse the input's buffer (it loses the batch axis)
   in_place: bool = True
+  # False where the transform has no axis_name: it runs sharded under jit (GSPMD) only
+  shard_map: bool = True
 
   def make(self):
     return self.factory(**self.kwargs)
@@ -52,9 +54,9 @@ CASES: dict[str, Case] = {
   "autoclip": Case(gc.autoclip, {"percentile": 50.0, "history": 8}, static=("history",)),
   "skip_on_spike": Case(gc.skip_on_spike, {"inner": optax.identity(), "warmup_steps": 1}),
   "adagc": Case(gc.adagc, {"lambda_abs": 0.5, "warmup_steps": 2}),
-  "adaptive_grad_clip": Case(gc.adaptive_grad_clip, {"clipping": 0.05}),
+  "adaptive_grad_clip": Case(gc.adaptive_grad_clip, {"clipping": 0.05}, shard_map=False),
   "per_example_clip_leaf": Case(
-    one_example, {"l2_norm_clip": 0.5, "scope": "leaf"}, in_place=False
+    one_example, {"l2_norm_clip": 0.5, "scope": "leaf"}, in_place=False, shard_map=False
   ),
   # inject_hyperparams takes any callable for a schedule: groups must be static
   "monitor": Case(gc.monitor, {}, static=("groups",)),
