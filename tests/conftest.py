@@ -1,9 +1,11 @@
-"""Shared pytest settings: 8 simulated CPU devices, one compilation cache for
-the whole run, hypothesis profiles, and the reduction-strategy fixture."""
+"""Shared pytest settings: 8 simulated CPU devices, one directory (and one
+compilation cache) for the whole run, the multi-process workers, hypothesis
+profiles, and the reduction-strategy fixture."""
 
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # Before jax is imported anywhere: the sharding tests need a mesh of 8 devices.
 # Everything else runs on the first one, as it would on a single device.
@@ -15,27 +17,56 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-_CACHE_ENV = "GRADCTL_TEST_COMPILATION_CACHE"
+from . import multiprocess_launch
+
+_RUN_DIR_ENV = "GRADCTL_TEST_RUN_DIR"
+
+
+def _run_dir() -> Path:
+  return Path(os.environ[_RUN_DIR_ENV])
 
 
 def pytest_configure(config):
-  """One persistent compilation cache for the run, shared by the xdist workers:
-  many tests compile the same program (a transform on the same tree), and a
-  worker then loads what the other compiled. The controller makes it before
-  the workers start, and they inherit its path; it is removed at the end."""
-  if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
-    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="gradctl-jax-cache-")
-    config._gradctl_cache = os.environ[_CACHE_ENV]
-  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  """One directory for the run, shared by the xdist workers (the controller
+  makes it before they start, they inherit its path, and it is removed at the
+  end). It holds one persistent compilation cache: many tests compile the same
+  program, and a worker then loads what another compiled. It also holds the
+  multi-process workers' results."""
+  if not hasattr(config, "workerinput") and _RUN_DIR_ENV not in os.environ:
+    os.environ[_RUN_DIR_ENV] = tempfile.mkdtemp(prefix="gradctl-tests-")
+    config._gradctl_run_dir = os.environ[_RUN_DIR_ENV]
+  jax.config.update("jax_compilation_cache_dir", str(_run_dir() / "jax-cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def pytest_collection_finish(session):
+  """Starts the multi-process workers as soon as their tests are selected, so
+  that they run alongside the rest of the suite."""
+  if any(item.path.name == "test_multiprocess.py" for item in session.items):
+    multiprocess_launch.start(_run_dir() / "multiprocess")
+
+
+def pytest_sessionfinish(session):
+  multiprocess_launch.stop()  # those this process started, if still running
+
+
 def pytest_unconfigure(config):
-  path = getattr(config, "_gradctl_cache", None)
+  path = getattr(config, "_gradctl_run_dir", None)
   if path:
     shutil.rmtree(path, ignore_errors=True)
-    os.environ.pop(_CACHE_ENV, None)
+    os.environ.pop(_RUN_DIR_ENV, None)
+
+
+@pytest.fixture(scope="session")
+def multiprocess_results() -> list[dict]:
+  """What each multi-process worker saw (tests/multiprocess_launch.py)."""
+  shared = _run_dir() / "multiprocess"
+  multiprocess_launch.start(shared)  # a no-op when collection started them
+  try:
+    return multiprocess_launch.wait(shared)
+  except RuntimeError as e:
+    pytest.fail(str(e))
 
 
 settings.register_profile(

@@ -1,6 +1,6 @@
 """One process of the multi-process checks (run by tests/test_multiprocess.py).
 
-Usage: ``python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``
+Usage: ``python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR TIME_LIMIT``
 
 Joins a JAX multi-controller run on 127.0.0.1:PORT with 4 CPU devices of its
 own (its launcher sets XLA_FLAGS), runs every check on global arrays whose shards live in different
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import time
 
@@ -152,10 +153,19 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str) -> None:
         file=sys.stderr,
         flush=True,
       )
-  with open(os.path.join(out_dir, f"result_{process_id}.pkl"), "wb") as f:
+  path = os.path.join(out_dir, f"result_{process_id}.pkl")
+  with open(path + ".tmp", "wb") as f:
     pickle.dump(out, f)
+  os.replace(path + ".tmp", path)  # whoever waits sees the whole file or none
   jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  process_id, out_dir = int(sys.argv[1]), sys.argv[4]
+  signal.alarm(int(float(sys.argv[5])))  # never outlive the time limit, even if orphaned
+  try:
+    main(process_id, int(sys.argv[2]), sys.argv[3], out_dir)
+  except BaseException as e:
+    with open(os.path.join(out_dir, f"error_{process_id}.txt"), "w") as f:
+      f.write(repr(e))
+    raise

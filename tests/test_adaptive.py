@@ -187,9 +187,9 @@ def test_zclip_non_finite_step_leaves_statistics_bitwise_unchanged():
   tx = gc.zclip(warmup_steps=3)
   state = tx.init(gradient(1.0))
   for x in [1.0, 1.1, 0.9, 1.0]:
-    _, state = tx.update(gradient(x), state)
+    _, state = jax.jit(tx.update)(gradient(x), state)
   for bad in (np.nan, np.inf):
-    out, new = tx.update(gradient(bad), state)
+    out, new = jax.jit(tx.update)(gradient(bad), state)
     assert np.all(np.isnan(np.asarray(out["a"])))
     for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(state.ema), strict=True):
       np.testing.assert_array_equal(a, b)
@@ -201,9 +201,9 @@ def test_zclip_overflowing_finite_gradient_counts_as_infinite_z():
   tx = gc.zclip(warmup_steps=2)
   state = tx.init(jnp.zeros(4))
   for x in [1.0, 1.2]:
-    _, state = tx.update(jnp.full((4,), x / 2), state)
+    _, state = jax.jit(tx.update)(jnp.full((4,), x / 2), state)
   huge = jnp.full((4,), 3e38, jnp.float32)  # its norm overflows float32
-  out, new = tx.update(huge, state)
+  out, new = jax.jit(tx.update)(huge, state)
   assert float(new.z) == np.inf and not np.isfinite(new.norm)
   np.testing.assert_allclose(
     norm_of(out), float(state.ema_mean), rtol=1e-5
@@ -217,10 +217,10 @@ def test_zclip_overflowing_finite_gradient_counts_as_infinite_z():
 def test_zclip_warmup_clips_to_max_norm_only():
   tx = gc.zclip(warmup_steps=5, max_norm=2.0)
   state = tx.init(gradient(1.0))
-  out, state = tx.update(gradient(10.0), state)
+  out, state = jax.jit(tx.update)(gradient(10.0), state)
   np.testing.assert_allclose(norm_of(out), 2.0, rtol=1e-6)
   assert float(state.threshold) == 2.0 and float(state.z) == 0.0
-  out, state = tx.update(gradient(1.5), state)
+  out, state = jax.jit(tx.update)(gradient(1.5), state)
   np.testing.assert_allclose(norm_of(out), 1.5, rtol=1e-6)
   assert float(state.threshold) == 2.0 and float(state.clipped_fraction) == 0.0
 
@@ -247,9 +247,9 @@ def test_autoclip_history_survives_non_finite_steps_bitwise():
   tx = gc.autoclip(history=4)
   state = tx.init(gradient(1.0))
   for x in [1.0, 2.0]:
-    _, state = tx.update(gradient(x), state)
+    _, state = jax.jit(tx.update)(gradient(x), state)
   for bad in (np.nan, np.inf):
-    _, new = tx.update(gradient(bad), state)
+    _, new = jax.jit(tx.update)(gradient(bad), state)
     np.testing.assert_array_equal(new.history, state.history)
     assert int(new.count) == int(state.count)
 
@@ -294,10 +294,10 @@ def test_skip_on_spike_lets_the_ninth_spike_through():
   tx = gc.skip_on_spike(optax.sgd(1.0), warmup_steps=3, max_consecutive=10)
   state = tx.init(gradient(1.0))
   for x in [1.0, 1.1, 0.9]:
-    _, state = tx.update(gradient(x), state)
+    _, state = jax.jit(tx.update)(gradient(x), state)
   passed = []
   for _ in range(11):  # 2 skips, then 8 more, then the 9th passes
-    out, state = tx.update(gradient(1000.0), state)
+    out, state = jax.jit(tx.update)(gradient(1000.0), state)
     passed.append(norm_of(out) > 0)
   assert passed == [False] * 10 + [True]
   assert int(state.consecutive_skips) == 0 and int(state.skip_count) == 10
@@ -308,9 +308,9 @@ def test_skip_on_spike_never_lets_non_finite_through_and_keeps_adam_moments():
   g = gradient(1.0)
   state = tx.init(g)
   for x in [1.0, 1.1]:
-    _, state = tx.update(gradient(x), state)
+    _, state = jax.jit(tx.update)(gradient(x), state)
   for _ in range(3):
-    out, new = tx.update(gradient(np.nan), state)
+    out, new = jax.jit(tx.update)(gradient(np.nan), state)
     assert norm_of(out) == 0.0
     for a, b in zip(
       jax.tree.leaves(new.inner_state), jax.tree.leaves(state.inner_state), strict=True
@@ -482,8 +482,8 @@ def test_adagc_clips_only_the_tensor_that_spikes():
   g = {"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.6, 0.8])}
   state = tx.init(g)
   for _ in range(4):
-    _, state = tx.update(g, state)
-  out, state = tx.update({"a": g["a"], "b": g["b"] * 100}, state)
+    _, state = jax.jit(tx.update)(g, state)
+  out, state = jax.jit(tx.update)({"a": g["a"], "b": g["b"] * 100}, state)
   np.testing.assert_array_equal(out["a"], g["a"])  # untouched, where a global clip would shrink it
   np.testing.assert_allclose(norm_of({"b": out["b"]}), 1.05, rtol=1e-6)
   assert gc.stats(state)["adagc/thresholds"].shape == (2,)

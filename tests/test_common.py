@@ -3,9 +3,12 @@
 Every update gets the gradient itself as ``params`` (shapes match), for the
 transforms that need parameters.
 
-The tests that reduce run with both reduction strategies (the ``strategy``
-fixture); the composition tests (masked, MultiSteps, apply_if_finite, chains,
-Flax), whose reductions are the same, with the platform's own.
+The tests whose compiled program depends on the reduction strategy (dtypes,
+donation, scan, empty trees) run with both (the ``strategy`` fixture); those
+that compare two ways of running the same reduction (eager and jit,
+inject_hyperparams, masked, MultiSteps, apply_if_finite, chains, Flax) with
+the platform's own. tests/test_whole_range.py runs both strategies over the
+whole range.
 """
 
 import functools
@@ -65,6 +68,12 @@ def close(a, b, rtol=1e-6, atol=1e-7):
     )
 
 
+def updated(tx, g, params):
+  """One jitted step from a fresh state: the reference of the composition
+  tests, one compiled program where eager dispatch would compile each op."""
+  return jax.jit(tx.update)(g, tx.init(g), params)
+
+
 def same_structure(a, b):
   """The same tree of the same shapes and dtypes (arrays or ShapeDtypeStructs)."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -73,7 +82,6 @@ def same_structure(a, b):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.usefixtures("strategy")
 def test_jit_matches_eager(name):
   tx = CASES[name].make()
   g = grads()
@@ -152,13 +160,12 @@ def test_state_is_fixed_and_scannable(name, dtype, strategy):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.usefixtures("strategy")
 def test_inject_hyperparams(name):
   case = CASES[name]
   tx = optax.inject_hyperparams(case.factory, static_args=case.static)(**case.kwargs)
   g = grads()
   out, state = jax.jit(tx.update)(g, tx.init(g), g)
-  close(out, case.make().update(g, case.make().init(g), g)[0])
+  close(out, updated(case.make(), g, g)[0])
   assert any(k.startswith("inner_state/") for k in gc.stats(state))
 
 
@@ -171,7 +178,7 @@ def test_masked(name):
   out, state = jax.jit(tx.update)(g, tx.init(g), g)
   np.testing.assert_array_equal(out["b"], g["b"])
   sub = {"w": g["w"], "h": g["h"]}
-  want, _ = case.make().update(sub, case.make().init(sub), sub)
+  want, _ = updated(case.make(), sub, sub)
   close({"w": out["w"], "h": out["h"]}, want)
   assert gc.stats(state)
 
@@ -188,7 +195,7 @@ def test_multisteps(name):
   # the inner step sees the mean of the two gradients
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g, grads(seed=2))
   inner = optax.chain(CASES[name].make(), optax.sgd(0.1))
-  want, _ = inner.update(mean, inner.init(mean), g)
+  want, _ = updated(inner, mean, g)
   close(u2, want, rtol=1e-5, atol=1e-6)
   assert any(k.startswith("inner_opt_state/") for k in gc.stats(state))
 

@@ -1,25 +1,17 @@
 """Two JAX processes, 4 CPU devices each, on 127.0.0.1: the statistics stay exact
 and identical when the devices belong to different processes.
 
-Once per test run, the fixture starts tests/multiprocess_worker.py twice (JAX's
-multi-controller runtime, gloo collectives, the code path of a GPU cluster or a TPU pod), waits
-for both within a time limit, and ends them and their process groups whatever
-happens. Each check here compares what the processes saw with each other and
+Once per test run, tests/multiprocess_launch.py starts
+tests/multiprocess_worker.py twice (JAX's multi-controller runtime, gloo
+collectives, the code path of a GPU cluster or a TPU pod) as soon as these
+tests are collected, waits for both within a time limit, and ends them and
+their process groups whatever happens. Each check here compares what the processes saw with each other and
 with one process computing on the whole gradient.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import os
-import pickle
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,90 +23,13 @@ from jax.sharding import PartitionSpec as P
 import optax_gradctl as gc
 
 from . import multiprocess_cases as cases
+from . import multiprocess_launch as launch
 from . import reference as ref
 
-WORKER = Path(__file__).with_name("multiprocess_worker.py")
-PROCESSES = 2
-DEVICES_PER_PROCESS = 4
-TIME_LIMIT = 240.0  # seconds for both workers: a hung one fails the test
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _end(procs: list[subprocess.Popen]) -> None:
-  """Kills every worker's process group that is still there."""
-  for p in procs:
-    if p.poll() is None:
-      try:
-        os.killpg(p.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-    p.wait()
-
-
-def _run_workers(out: Path) -> list[dict]:
-  """Starts the worker processes, waits for them within TIME_LIMIT, ends them
-  and their process groups whatever happens, and returns what they saw."""
-  port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
-  logs = [open(out / f"log_{i}.txt", "w") for i in range(PROCESSES)]
-  procs: list[subprocess.Popen] = []
-  try:
-    for i in range(PROCESSES):
-      command = [sys.executable, str(WORKER), str(i), str(PROCESSES), port, str(out)]
-      procs.append(
-        subprocess.Popen(
-          command, env=env, stdout=logs[i], stderr=subprocess.STDOUT, start_new_session=True
-        )
-      )
-    deadline = time.monotonic() + TIME_LIMIT
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-      time.sleep(0.2)
-    hung = [i for i, p in enumerate(procs) if p.poll() is None]
-    _end(procs)
-    for log in logs:
-      log.close()
-    tails = "\n".join(
-      f"--- worker {i}:\n" + (out / f"log_{i}.txt").read_text()[-3000:] for i in range(PROCESSES)
-    )
-    if hung:
-      raise RuntimeError(f"workers {hung} still running after {TIME_LIMIT:.0f} s: killed\n{tails}")
-    if any(p.returncode != 0 for p in procs):
-      raise RuntimeError(f"worker exit codes {[p.returncode for p in procs]}\n{tails}")
-    return [pickle.loads((out / f"result_{i}.pkl").read_bytes()) for i in range(PROCESSES)]
-  finally:
-    _end(procs)
-    for log in logs:
-      log.close()
-
-
-@pytest.fixture(scope="session")
-def results(tmp_path_factory) -> list[dict]:
-  """What the workers saw, computed once per test run: under pytest-xdist the
-  first test worker to ask starts the processes, holding a lock in the run's
-  shared temporary directory, and the others wait for it and read its result
-  (or its failure)."""
-  run_dir = tmp_path_factory.getbasetemp()
-  if "PYTEST_XDIST_WORKER" in os.environ:
-    run_dir = run_dir.parent  # the run's directory, above each test worker's own
-  shared = run_dir / "multiprocess"
-  shared.mkdir(exist_ok=True)
-  with open(shared / "lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    done, failed = shared / "results.pkl", shared / "failed.txt"
-    if not done.exists() and not failed.exists():
-      try:
-        done.write_bytes(pickle.dumps(_run_workers(shared)))
-      except Exception as e:
-        failed.write_text(str(e))
-    if failed.exists():
-      pytest.fail(failed.read_text())
-    return pickle.loads(done.read_bytes())
+@pytest.fixture
+def results(multiprocess_results) -> list[dict]:
+  return multiprocess_results
 
 
 def close(a, b, rtol=2e-6, atol=1e-7):
@@ -142,8 +57,8 @@ def one_process(name: str, seed: int):
 
 
 def test_the_workers_ran_on_eight_devices_in_two_processes(results):
-  assert [r["process_index"] for r in results] == list(range(PROCESSES))
-  assert all(r["devices"] == 4 * PROCESSES for r in results)
+  assert [r["process_index"] for r in results] == list(range(launch.PROCESSES))
+  assert all(r["devices"] == 4 * launch.PROCESSES for r in results)
 
 
 def test_every_process_saw_the_same_bits(results):
