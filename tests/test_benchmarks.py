@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("throughput", "compile_time", "train_step", "memory")
 
 
+@pytest.mark.scripts
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_quick_pass_writes_its_table(name, tmp_path):
   env = dict(os.environ, GRADCTL_BENCH_RESULTS=str(tmp_path), PYTHONPATH=str(ROOT))

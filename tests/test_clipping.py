@@ -92,7 +92,7 @@ def test_non_finite_input_is_not_finite_output(make, bad):
   assert not np.isfinite(state.norm)
   # so apply_if_finite skips the step
   safe = optax.apply_if_finite(optax.chain(make(), optax.sgd(1.0)), max_consecutive_errors=5)
-  updates, s = safe.update(g, safe.init(g))
+  updates, s = jax.jit(safe.update)(g, safe.init(g))
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(updates))
   assert int(s.notfinite_count) == 1
 

@@ -83,8 +83,11 @@ def same_structure(a, b):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_matches_eager(name):
+  """Eager dispatch compiles each operation for each new shape, so this tree's
+  leaves share one shape: a third of the compiles of grads()."""
   tx = CASES[name].make()
-  g = grads()
+  rng = np.random.default_rng(3)
+  g = {k: jnp.asarray(rng.standard_normal((4, 3)), jnp.float32) for k in ("w", "u", "v")}
   eager = tx.update(g, tx.init(g), g)
   jitted = jax.jit(tx.update)(g, tx.init(g), g)
   close(eager, jitted)

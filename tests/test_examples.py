@@ -57,7 +57,7 @@ def test_every_control_builds_and_steps(control):
   cfg = lstm_adding.parse_args(["--optimizer", "adam", "--lr", "0.01"])
   tx = lstm_adding.make_tx(control, cfg)
   g = {"w": jnp.ones((3,))}
-  updates, state = tx.update(g, tx.init(g), g)
+  updates, state = jax.jit(tx.update)(g, tx.init(g), g)
   assert np.all(np.isfinite(np.asarray(updates["w"])))
   assert any(k.endswith("/norm") for k in gc.stats(state))
 
@@ -73,6 +73,7 @@ def test_bad_arguments_are_refused():
 QUICK_CONTROLS = ("clip_by_value", "clip_by_global_norm")
 
 
+@pytest.mark.scripts
 def test_quick_run_writes_its_artefacts(tmp_path):
   proc = subprocess.run(
     [

@@ -165,6 +165,7 @@ def test_many_small_leaves_of_every_magnitude(strategy, scope, monkeypatch):
   magnitudes from 1e-30 to 1e30 the rescaled branch scales each leaf of a
   group by its own power of two."""
   monkeypatch.setattr(_reduce, "RESCALING", strategy)
+  monkeypatch.setattr(_reduce, "STACK_GROUP", 8)  # the same grouping, in a smaller program
   n = _reduce.STACK_GROUP + 7  # two stacked groups, the second a short one
   rng = np.random.default_rng(0)
   exps = rng.uniform(-30, 30, n)

@@ -16,7 +16,7 @@ def test_keys_in_a_chain_name_position_transform_and_statistic():
   tx = optax.chain(
     gc.clip_by_value(1.0), gc.clip_by_global_norm(1.0), gc.zscore(), optax.adam(1e-3)
   )
-  _, state = tx.update(_grads(), tx.init(_grads()))
+  _, state = jax.jit(tx.update)(_grads(), tx.init(_grads()))
   stats = gc.stats(state)
   assert sorted(stats) == sorted(
     [
@@ -42,14 +42,14 @@ def test_two_instances_never_share_a_key():
     optax.chain(gc.clip_by_global_norm(2.0)),
     gc.clip_by_global_norm(3.0),
   )
-  _, state = tx.update(_grads(), tx.init(_grads()))
+  _, state = jax.jit(tx.update)(_grads(), tx.init(_grads()))
   norms = [k for k in gc.stats(state) if k.endswith("/norm")]
   assert len(norms) == len(set(norms)) == 3
 
 
 def test_bare_state_has_no_prefix():
   tx = gc.unit_rescale()
-  _, state = tx.update(_grads(), tx.init(_grads()))
+  _, state = jax.jit(tx.update)(_grads(), tx.init(_grads()))
   assert list(gc.stats(state)) == ["unit_rescale/norm"]
 
 
