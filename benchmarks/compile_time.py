@@ -1,9 +1,11 @@
-"""Compile time against the number of leaves, against optax.
+"""Compile time against the number of leaves, against optax and the floor.
 
 Each point compiles ``jax.jit(tx.update)`` for L float32 leaves of 1000
 elements in a fresh subprocess (no cache), and counts the kernels (fusions)
 in the compiled program. A point that takes longer than the timeout is
-reported as "> timeout".
+reported as "> timeout". The floor is ``jax.tree.map(lambda a: a * 0.5, g)``:
+one output kernel per leaf, which any transform that returns a new gradient
+compiles.
 
 Run: ``python -m benchmarks.compile_time [--quick]``
 """
@@ -22,6 +24,10 @@ CASES = {
     "optax": "optax.clip_by_global_norm(1.0)",
   },
   "clip_by_value": {"gradctl": "gc.clip_by_value(1.0)", "optax": "optax.clip(1.0)"},
+  "clip_by_value(stats=False)": {
+    "gradctl": "gc.clip_by_value(1.0, stats=False)",
+    "optax": "optax.clip(1.0)",
+  },
   "zscore": {"gradctl": "gc.zscore()", "jnp": "JNP_ZSCORE"},
 }
 
@@ -34,6 +40,8 @@ L = int(sys.argv[1]); expr = sys.argv[2]
 tree = [jax.ShapeDtypeStruct((1000,), jnp.float32) for _ in range(L)]
 if expr == "JNP_ZSCORE":
   fn = lambda t: _jnp_zscore(t)
+elif expr == "FLOOR":
+  fn = lambda t: jax.tree.map(lambda a: a * 0.5, t)
 else:
   tx = eval(expr)
   fn = lambda t: tx.update(t, tx.init(t))
@@ -70,11 +78,14 @@ def fmt(point: dict) -> str:
 
 def run(quick: bool) -> dict:
   leaf_counts = (10,) if quick else (1, 10, 100, 1000, 5000)
-  timeout = 60.0 if quick else 200.0
+  timeout = 60.0 if quick else 120.0
+  floors = {leaves: measure(leaves, "FLOOR", timeout) for leaves in leaf_counts}
   rows = []
   for transform, versions in CASES.items():
+    if quick and transform != "clip_by_global_norm":
+      continue
     for leaves in leaf_counts:
-      row = {"transform": transform, "L": leaves}
+      row = {"transform": transform, "L": leaves, "floor": floors[leaves]}
       for name, expr in versions.items():
         row[name] = measure(leaves, expr, timeout)
       rows.append(row)
@@ -84,16 +95,37 @@ def run(quick: bool) -> dict:
   return {"rows": rows, "timeout_s": timeout}
 
 
+def _seconds(point: dict) -> float | None:
+  return None if "timeout" in point else point["trace_s"] + point["compile_s"]
+
+
+def _over_floor(point: dict, floor: dict) -> str:
+  a, b = _seconds(point), _seconds(floor)
+  return "-" if a is None or b is None else f"{a / b:.2f}×"
+
+
 def report(data: dict) -> str:
   text = (
     "Trace plus compile time of `jax.jit(tx.update)` over L float32 leaves of 1000 elements,"
-    " each in a fresh process; kernels = fusions in the compiled program.\n\n"
+    " each in a fresh process; kernels = fusions in the compiled program. Floor:"
+    " `jax.tree.map(lambda a: a * 0.5, g)`.\n\n"
   )
   rows = []
   for r in data["rows"]:
-    other = next(k for k in r if k not in ("transform", "L", "gradctl"))
-    rows.append([r["transform"], r["L"], fmt(r["gradctl"]), f"{other}: {fmt(r[other])}"])
-  return text + common.markdown_table(["transform", "L", "gradctl", "other"], rows)
+    other = next(k for k in r if k not in ("transform", "L", "gradctl", "floor"))
+    rows.append(
+      [
+        r["transform"],
+        r["L"],
+        fmt(r["gradctl"]),
+        f"{other}: {fmt(r[other])}",
+        fmt(r["floor"]),
+        _over_floor(r["gradctl"], r["floor"]),
+        _over_floor(r[other], r["floor"]),
+      ]
+    )
+  header = ["transform", "L", "gradctl", "other", "floor", "gradctl / floor", "other / floor"]
+  return text + common.markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,6 +79,10 @@ def implementations() -> dict[str, dict[str, Callable]]:
       "gradctl": tx_fn(lambda: gc.clip_by_value(1e-3)),
       "optax": tx_fn(lambda: optax.clip(1e-3)),
     },
+    "clip_by_value(stats=False)": {
+      "gradctl": tx_fn(lambda: gc.clip_by_value(1e-3, stats=False)),
+      "optax": tx_fn(lambda: optax.clip(1e-3)),
+    },
     "clip_by_global_norm": {
       "gradctl": tx_fn(lambda: gc.clip_by_global_norm(1.0)),
       "optax": tx_fn(lambda: optax.clip_by_global_norm(1.0)),
@@ -97,12 +101,14 @@ def implementations() -> dict[str, dict[str, Callable]]:
 # bytes moved per element at the minimum: (read-only passes, read-write passes)
 PASSES = {
   "clip_by_value": (0, 1),
+  "clip_by_value(stats=False)": (0, 1),
   "clip_by_global_norm": (1, 1),
   "unit_rescale": (1, 1),
   "zscore": (1, 1),
 }
 TORCH = {
   "clip_by_value": "clip_grad_value_",
+  "clip_by_value(stats=False)": "clip_grad_value_",
   "clip_by_global_norm": "clip_grad_norm_",
   "unit_rescale": "clip_grad_norm_",
   "zscore": "clip_grad_norm_",

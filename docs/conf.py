@@ -26,7 +26,9 @@ extensions = [
   "sphinx.ext.viewcode",
 ]
 exclude_patterns = ["_build", "experiments", "*.md"]
-autodoc_typehints = "description"
+# Types live in the signatures in the source; the pages show each argument's
+# meaning from its docstring (numeric hyperparameters are jax ArrayLikes).
+autodoc_typehints = "none"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "undoc-members": False}
 napoleon_google_docstring = True
@@ -37,7 +39,7 @@ napoleon_use_rtype = False
 # libraries are not linked (the build is offline, without intersphinx).
 nitpicky = True
 nitpick_ignore_regex = [
-  (r"py:.*", r"(optax|jax|jaxlib|flax|numpy|collections|typing|builtins)(\..*)?")
+  (r"py:.*", r"'?(optax|jax|jaxlib|flax|numpy|collections|typing|builtins)(\..*)?'?"),
 ]
 
 html_theme = "alabaster"
@@ -69,7 +71,8 @@ class MarkdownTable(Directive):
       raise self.error(f"markdown-table: no table in {source}")
     lines = [".. list-table::", "   :header-rows: 1", ""]
     for row in rows:
-      lines += [f"   * - {row[0]}"] + [f"     - {cell}" for cell in row[1:]]
+      cells = [cell if cell != "-" else "\\-" for cell in row]  # not a bullet list
+      lines += [f"   * - {cells[0]}"] + [f"     - {cell}" for cell in cells[1:]]
     self.state_machine.insert_input(lines, str(source))
     return []
 

@@ -52,3 +52,4 @@ def test_quick_pass_writes_its_table(name, tmp_path):
       assert all(r["seconds"] > 0 and r["kernels"] > 0 for r in rows.values())
   if name == "compile_time":
     assert all(r["gradctl"]["compile_s"] > 0 for r in data["rows"])
+    assert all(r["floor"]["compile_s"] > 0 for r in data["rows"])
