@@ -81,9 +81,13 @@ def monitor(
     del state, params
     floats, _ = _reduce.split_floats(updates)
     names = _group_names(updates, groups)
-    red = _reduce.reduce(floats, axes=_reduce.float_axes(axis_name, updates))
-    norms = _group_norms(red, names)
-    return updates, MonitorState(red.norm, norms)
+    # Leaf scope: each leaf's sum is exact on its own scale, so a small group
+    # keeps its norm next to one whose squares overflow float32.
+    red = _reduce.reduce(floats, scope="leaf", axes=_reduce.float_axes(axis_name, updates))
+    if not floats:
+      return updates, MonitorState(_stats.zeros(), {})
+    norm = _reduce.group_norms(red.leaf_sumsq, [0] * len(floats))[0]
+    return updates, MonitorState(norm.astype(jnp.float32), _group_norms(red, names))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -47,8 +47,11 @@ def pytest_collection_finish(session):
     multiprocess_launch.start(_run_dir() / "multiprocess")
 
 
-def pytest_sessionfinish(session):
-  multiprocess_launch.stop()  # those this process started, if still running
+def pytest_sessionfinish(session, exitstatus):
+  """Ends the multi-process workers this process started: at once if the run
+  was interrupted, else once they finish (another test worker may still wait
+  for them) or reach their time limit."""
+  multiprocess_launch.stop(wait=exitstatus != pytest.ExitCode.INTERRUPTED)
 
 
 def pytest_unconfigure(config):

@@ -27,6 +27,7 @@ DEVICES_PER_PROCESS = 4
 TIME_LIMIT = 300.0  # seconds from the start: a worker still running then is killed
 
 _started: list[subprocess.Popen] = []  # the workers this process started
+_deadline = [0.0]  # when they must be done, on time.monotonic()
 
 
 def _free_port() -> int:
@@ -55,6 +56,7 @@ def start(shared: Path) -> None:
           )
         )
     (shared / "started").write_text(str(time.time()))
+    _deadline[0] = time.monotonic() + TIME_LIMIT
 
 
 def _logs(shared: Path) -> str:
@@ -78,10 +80,17 @@ def wait(shared: Path) -> list[dict]:
   return [pickle.loads(r.read_bytes()) for r in results]
 
 
-def stop() -> None:
-  """Ends the workers this process started, and their process groups."""
+def stop(wait: bool) -> None:
+  """Ends the workers this process started, and their process groups; with
+  ``wait``, first lets them finish within their time limit, for another test
+  worker that may still be waiting for their results."""
   while _started:
     p = _started.pop()
+    if wait:
+      try:
+        p.wait(timeout=max(0.0, _deadline[0] - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pass
     if p.poll() is None:
       try:
         os.killpg(p.pid, signal.SIGKILL)

@@ -7,8 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optax_gradctl as gc
+
+from . import reference
+from .strategies import tree_and_magnitudes
+from .test_whole_range import assert_leaves, assert_norm_statistic
 
 DIRECTION = {"a": np.array([0.6, 0.0]), "b": np.array([[0.8]])}  # a unit vector over two leaves
 
@@ -562,3 +568,26 @@ def test_skip_on_spike_counts_right_under_multisteps_and_inject_hyperparams():
   # six inner steps; the fifth (losses of 50) was skipped, counted once
   assert int(stats["inner_opt_state/inner_state/skip_on_spike/skip_count"]) == 1
   assert float(stats["inner_opt_state/inner_state/skip_on_spike/loss_spike"]) == 0.0
+
+
+@settings(max_examples=max(settings().max_examples // 2, 10))
+@given(case=tree_and_magnitudes(headroom=24), log2_abs=st.floats(-20, 20))
+def test_adagc_over_the_whole_range(case, log2_abs):
+  """The warm-up step is a global clip to lambda_abs; with warmup_steps=1 the
+  first step sets each tensor's gamma to its norm, and a second step of twice
+  the gradient is clipped back to lambda_rel times it. The headroom keeps the
+  norms within float32."""
+  g, leaves = case.build()
+  lam = 2.0**log2_abs
+  warm = gc.adagc(lambda_abs=lam, warmup_steps=3)
+  out, state = jax.jit(warm.update)(g, warm.init(g))
+  assert_leaves(out, reference.clip_by_norm(leaves, lam, "l2", "global"))
+  assert_norm_statistic(state.norm, leaves)
+
+  tx = gc.adagc(warmup_steps=1)
+  step = jax.jit(tx.update)
+  out, state = step(g, tx.init(g))
+  assert_leaves(out, leaves)  # unclipped: no gamma yet
+  twice = jax.tree.map(lambda x: x * 2, g)
+  out, state = step(twice, state)
+  assert_leaves(out, [1.05 * x for x in leaves], atol_in_tiny=4.0)

@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from hypothesis import given, settings
 
 import optax_gradctl as gc
 
 from . import reference as ref
+from .strategies import tree_and_magnitudes
 
 
 def model_grads(big=False):
@@ -78,3 +80,26 @@ def test_monitor_next_to_a_clip_reads_nothing_more():
   alone = _readers_of_each_leaf(gc.clip_by_global_norm(1.0), g)
   watched = _readers_of_each_leaf(optax.chain(gc.monitor(), gc.clip_by_global_norm(1.0)), g)
   assert alone and watched == alone, (alone, watched)
+
+
+@settings(max_examples=max(settings().max_examples // 2, 10))
+@given(case=tree_and_magnitudes())
+def test_group_norms_over_the_whole_range(case):
+  """Each leaf its own group: every group norm, and the global one, against
+  float64 (inf beyond float32), and the gradient returned bitwise."""
+  g, leaves = case.build()
+  tx = gc.monitor(lambda path: str(path[0].key))
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g), strict=True):
+    np.testing.assert_array_equal(
+      np.asarray(a).reshape(-1).view(np.uint8), np.asarray(b).reshape(-1).view(np.uint8)
+    )
+  f32_max, tiny = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
+  for name, x in zip(sorted(g), leaves, strict=True):
+    want = ref.global_l2([x])
+    want = np.inf if want > f32_max else want
+    np.testing.assert_allclose(float(state.group_norms[name]), want, rtol=2e-6, atol=2 * tiny)
+  want = ref.global_l2(leaves)
+  np.testing.assert_allclose(
+    float(state.norm), np.inf if want > f32_max else want, rtol=2e-6, atol=2 * tiny
+  )

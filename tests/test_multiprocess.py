@@ -5,8 +5,9 @@ Once per test run, tests/multiprocess_launch.py starts
 tests/multiprocess_worker.py twice (JAX's multi-controller runtime, gloo
 collectives, the code path of a GPU cluster or a TPU pod) as soon as these
 tests are collected, waits for both within a time limit, and ends them and
-their process groups whatever happens. Each check here compares what the processes saw with each other and
-with one process computing on the whole gradient.
+their process groups whatever happens. Each check here compares what the
+processes saw with each other and with one process computing on the whole
+gradient.
 """
 
 from __future__ import annotations

@@ -189,3 +189,36 @@ def test_per_example_needs_one_batch_axis():
     tx.update({"a": jnp.ones(())}, None)
   with pytest.raises(ValueError, match="scope"):
     gc.per_example_clip(1.0, scope="layer")
+
+
+@settings(max_examples=max(settings().max_examples // 2, 10))
+@given(
+  case=tree_and_magnitudes(headroom=2),
+  log2_clip=st.floats(-30, 30),
+  scope=st.sampled_from(["global", "leaf"]),
+)
+def test_per_example_clip_over_the_whole_range(case, log2_clip, scope):
+  """Two examples, the drawn gradient and its half, each clipped to its own
+  norm and summed, against float64; the headroom keeps the sum in range."""
+  g, _ = case.build()
+  batched = jax.tree.map(lambda x: jnp.stack([x, x / 2]), g)
+  examples = [[ref.f64(x[e]) for x in jax.tree.leaves(batched)] for e in (0, 1)]
+  c = 2.0**log2_clip
+  tx = gc.per_example_clip(c, scope=scope)
+  out, state = jax.jit(tx.update)(batched, tx.init(batched))
+  want = [np.zeros_like(x) for x in examples[0]]
+  clipped = []
+  for leaves in examples:
+    for n, idx in ref.norms(leaves, "l2", scope):
+      clipped.append(n > c)
+      for i in idx:
+        want[i] = want[i] + (ref.times_ratio(leaves[i], c, n) if n > c else leaves[i])
+  for got, x in zip(jax.tree.leaves(out), want, strict=True):
+    tiny = float(jnp.finfo(got.dtype).tiny)
+    np.testing.assert_array_less(np.abs(ref.f64(got) - x), RTOL[got.dtype] * np.abs(x) + 4 * tiny)
+  if scope == "global":
+    np.testing.assert_allclose(float(state.clipped_fraction), np.mean(clipped))
+  everything = examples[0] + examples[1]
+  norm = ref.global_l2(everything)
+  want_norm = np.inf if norm > np.finfo(np.float32).max else norm
+  np.testing.assert_allclose(float(state.norm), want_norm, rtol=2e-6, atol=2 * 1.2e-38)
