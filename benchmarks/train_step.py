@@ -67,6 +67,8 @@ def controls(quick: bool = False) -> dict:
     "plain clip": plain_clip(1.0),
     "optax.clip_by_global_norm": optax.clip_by_global_norm(1.0),
     "gc.clip_by_global_norm": gc.clip_by_global_norm(1.0),
+    # per-layer norms next to the clip: the same reads, shared
+    "gc.monitor + gc.clip_by_global_norm": optax.chain(gc.monitor(), gc.clip_by_global_norm(1.0)),
     "gc.clip_by_norm(scope=leaf)": gc.clip_by_norm(1.0, scope="leaf"),
     "gc.unit_rescale": gc.unit_rescale(),
     "optax.normalize_by_update_norm": optax.normalize_by_update_norm(scale_factor=1.0),

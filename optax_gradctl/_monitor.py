@@ -50,6 +50,13 @@ def monitor(
   computes the identical sums once, so watching the layers costs no extra
   pass over the gradient.
 
+  The global norm is exact over the whole float range. A group's norm shares
+  the global sum's scale: its elements count exactly down to ``2**-62``, or
+  down to ``2**-62`` times the gradient's largest element when that is
+  larger; smaller elements may count as zero (their squares are below
+  float32's normal range at that scale). A group norm never exceeds the
+  true one.
+
   Args:
     groups: maps a leaf's path to its group's name. (``inject_hyperparams``
       takes any callable for a schedule: list ``"groups"`` in its
@@ -81,13 +88,9 @@ def monitor(
     del state, params
     floats, _ = _reduce.split_floats(updates)
     names = _group_names(updates, groups)
-    # Leaf scope: each leaf's sum is exact on its own scale, so a small group
-    # keeps its norm next to one whose squares overflow float32.
-    red = _reduce.reduce(floats, scope="leaf", axes=_reduce.float_axes(axis_name, updates))
-    if not floats:
-      return updates, MonitorState(_stats.zeros(), {})
-    norm = _reduce.group_norms(red.leaf_sumsq, [0] * len(floats))[0]
-    return updates, MonitorState(norm.astype(jnp.float32), _group_norms(red, names))
+    red = _reduce.reduce(floats, axes=_reduce.float_axes(axis_name, updates))
+    norms = _group_norms(red, names)
+    return updates, MonitorState(red.norm, norms)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
