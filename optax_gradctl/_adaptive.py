@@ -494,7 +494,7 @@ def _adagc_clip(red: _reduce.Reduction, gamma, warm, lambda_abs, lambda_rel):
   """The per-tensor factors of this step, where they clip, each tensor's
   clipped norm (float32) and the cap in force."""
   leaf = red.l2  # [L]
-  total = _reduce.Pow2(jnp.square(leaf.m), 2 * leaf.e).total().sqrt()  # the global norm
+  total = leaf.squared().total().sqrt()  # the global norm
   g_factors, g_active = _reduce.scale_factors(
     _reduce.Pow2(total.m[None], total.e[None]), lambda_abs, clip=True
   )

@@ -184,6 +184,15 @@ class Pow2(NamedTuple):
   def reshape_flat(self) -> Pow2:
     return Pow2(self.m.reshape(-1), self.e.reshape(-1))
 
+  def squared(self) -> Pow2:
+    """The squares, exactly scaled: a norm's sum of squares."""
+    return Pow2(jnp.square(self.m), 2 * self.e)
+
+  @staticmethod
+  def stack(parts: Sequence[Pow2]) -> Pow2:
+    """The values of ``parts`` (of one shape) stacked on a new axis 0."""
+    return Pow2(jnp.stack([p.m for p in parts]), jnp.stack([p.e for p in parts]))
+
   def sqrt(self) -> Pow2:
     """The square roots, exactly scaled: ``sqrt(m * 2**e)``."""
     odd = self.e % 2
@@ -750,13 +759,10 @@ def example_norms(floats: Sequence[jax.Array], scope: Scope) -> Pow2:
   (``scope="global"``: [B]) or of each leaf (``"leaf"``: [L, B]), exact over
   the whole float range like :func:`unit_norms`."""
   per_leaf = [unit_norms(x, tuple(range(1, x.ndim))) for x in floats]
-  leaf = Pow2(
-    jnp.stack([p.m.reshape(-1) for p in per_leaf]), jnp.stack([p.e.reshape(-1) for p in per_leaf])
-  )  # [L, B]
+  leaf = Pow2.stack([p.reshape_flat() for p in per_leaf])  # [L, B]
   if scope == "leaf":
     return leaf
-  squares = Pow2(jnp.square(leaf.m), 2 * leaf.e)
-  return squares.total(axis=0).sqrt()
+  return leaf.squared().total(axis=0).sqrt()
 
 
 def group_norms(leaf_sumsq: Pow2, groups: Sequence[Hashable]) -> dict[Hashable, jax.Array]:
@@ -886,6 +892,12 @@ def scale_factors(
   numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
   s2 = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
   return Factors(s1, s2), active & finite
+
+
+def times_factors(y: jax.Array, s1: jax.Array, s2: jax.Array) -> jax.Array:
+  """``y * s1 * s2`` with factors that broadcast against ``y`` (per unit or
+  per example); ``y`` itself, bitwise, where ``s1 == 1`` (nothing rescaled)."""
+  return jnp.where(s1 == 1, y, y * s1 * s2)
 
 
 def _split_target(target: ArrayLike | Pow2, dtype: np.dtype):

@@ -135,14 +135,13 @@ def adaptive_grad_clip(
       limit = _times(_at_least(_reduce.unit_norms(jnp.asarray(w), axes), eps), clipping)
       factors, active = _reduce.scale_factors(g_norm, limit, clip=True)
       y = g.astype(g_norm.m.dtype)
-      out[i] = jnp.where(factors.s1 == 1, y, y * factors.s1 * factors.s2).astype(g.dtype)
-      squares.append(_reduce.Pow2(jnp.square(g_norm.m), 2 * g_norm.e).total(axis=None))
+      out[i] = _reduce.times_factors(y, factors.s1, factors.s2).astype(g.dtype)
+      squares.append(g_norm.squared().total(axis=None))
       clipped.append(jnp.sum(active))
       units += active.size
     if not squares:
       return jax.tree.unflatten(treedef, out), init_fn(None)
-    total = _reduce.Pow2(jnp.stack([s.m for s in squares]), jnp.stack([s.e for s in squares]))
-    norm = total.total().sqrt().to_float32()
+    norm = _reduce.Pow2.stack(squares).total().sqrt().to_float32()
     fraction = (sum(clipped) / units).astype(jnp.float32)
     return jax.tree.unflatten(treedef, out), _stats.AdaptiveGradClipState(norm, fraction)
 
@@ -216,8 +215,8 @@ def per_example_clip(
       column = (-1,) + (1,) * (x.ndim - 1)
       s1, s2 = s1.reshape(column), s2.reshape(column)
       y = x.astype(norms.m.dtype)
-      out.append(jnp.sum(jnp.where(s1 == 1, y, y * s1 * s2), axis=0).astype(x.dtype))
-    squares = _reduce.Pow2(jnp.square(norms.m), 2 * norms.e).reshape_flat()
+      out.append(jnp.sum(_reduce.times_factors(y, s1, s2), axis=0).astype(x.dtype))
+    squares = norms.squared().reshape_flat()
     new = _stats.PerExampleClipState(
       norm=squares.total().sqrt().to_float32(),
       clipped_fraction=jnp.mean(active.astype(jnp.float32)),
