@@ -50,12 +50,11 @@ def monitor(
   computes the identical sums once, so watching the layers costs no extra
   pass over the gradient.
 
-  The global norm is exact over the whole float range. A group's norm shares
-  the global sum's scale: its elements count exactly down to ``2**-62``, or
-  down to ``2**-62`` times the gradient's largest element when that is
-  larger; smaller elements may count as zero (their squares are below
-  float32's normal range at that scale). A group norm never exceeds the
-  true one.
+  The global norm is exact over the whole float range. A group's norm counts
+  its elements exactly down to ``2**-62``; smaller ones may count as zero
+  (their squares are below float32's normal range), unless the whole
+  gradient's norm is that small, which rescales every leaf. A group norm never
+  exceeds the true one.
 
   Args:
     groups: maps a leaf's path to its group's name. (``inject_hyperparams``

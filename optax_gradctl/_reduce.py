@@ -17,17 +17,18 @@ Numerics. Sums accumulate in at least float32 (float64 leaves in float64).
 The common case is what a plain clip does: one read of each leaf, summing
 its squares, with nothing else in the kernel (on a CPU each extra operation
 in a reduction kernel costs as much as the read). Float16 leaves never need
-more: their squares always fit in float32. Where the sums show that a square
-overflowed or underflowed (norms beyond about 2**64 or below 2**-30), a
-*rescue* finds each scope's exact power-of-two scale from its largest
-element and sums again. Results are carried as ``m * 2**e`` so that a norm
-larger than the float32 range still clips to the right value.
+more: their squares always fit in float32. Where a scope's sum shows that a
+square overflowed or underflowed (norms beyond about 2**64 or below 2**-30),
+a *rescue* sums again, each leaf scaled by the power of two its own plain sum
+calls for: ``2**-88`` where it overflowed, ``2**75`` where it underflowed.
+Results are carried as ``m * 2**e`` so that a norm larger than the float32
+range still clips to the right value.
 
 How the rescue runs depends on the platform (:data:`RESCALING`). On a CPU or
 TPU it is a ``lax.cond`` that is taken only when needed; a GPU pays for a
 branch even when it is not taken, so there every leaf is reduced once into
-three candidate sums, unscaled and scaled by ``2**-100`` and ``2**75``,
-stacked into one reduction, and a select picks the sum that is in range.
+the three candidate sums, stacked into one reduction, and a select picks the
+one that is in range.
 
 Across devices. With ``axis_name`` every partial reduction is combined over
 those mesh axes inside ``shard_map``: sums by ``psum``, maxima by ``pmax``,
@@ -60,11 +61,14 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 # they weigh less than 2**-26 of the total for up to 2**40 elements (float64:
 # 2**-500 against 2**-1022).
 _TRUSTED_SUMSQ = {_F32: 2.0**-60, _F64: 2.0**-500}
-# The candidate scales k of the "select" rescue, sums of (x * 2**-k)**2: the
-# unscaled sum, one scaled down and one scaled up. Together they keep every
-# square that matters normal and every sum finite, for up to 2**38 elements
-# per scope.
-_CANDIDATES = {_F32: (0, 100, -75), _F64: (0, 800, -600)}
+# The candidate scales k of a leaf's sum of squares, sum((x * 2**-k)**2):
+# unscaled, scaled down for a sum that overflowed and up for one below
+# _TRUSTED_SUMSQ. float32: scaled by 2**-88, every square is below 2**80, so
+# up to 2**47 elements sum finite, and the squares that flush (elements below
+# 2**25) weigh less than 2**-38 of a sum beyond 2**128 for up to 2**40
+# elements; scaled by 2**75, a sum below 2**-60 stays below 2**90 and every
+# normal element's square is normal. float64 alike, with wider margins.
+_CANDIDATES = {_F32: (0, 88, -75), _F64: (0, 800, -600)}
 # The one-pass variance sum((x-a)**2) - sum(x-a)**2 / n is trusted while the
 # mean accounts for less than 63/64 of sum((x-a)**2): at most 6 bits cancel.
 _CANCELLATION = 2.0**-6
@@ -403,15 +407,15 @@ def _read(floats: Sequence[jax.Array], batches, acc: np.dtype) -> _Read:
   return _Read(arrays, batches)
 
 
-def _column(values: jax.Array, members: Sequence[int], plan: Plan, ndim: int) -> jax.Array:
-  """Per-scope values [S] (or one scalar for all) at the scopes of a batch's
-  members, shaped to broadcast against the batch."""
+def _column(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
+  """``values`` (per scope or per leaf, or one scalar for all) at ``index``,
+  the scopes or leaves of a batch's members, shaped to broadcast against the
+  batch."""
   if values.ndim == 0:
     return values
-  scopes = plan.owner[np.asarray(members)]
-  if np.all(scopes == scopes[0]):
-    return values[int(scopes[0])]
-  return values[scopes].reshape((len(members),) + (1,) * (ndim - 1))
+  if np.all(index == index[0]):
+    return values[int(index[0])]
+  return values[index].reshape((len(index),) + (1,) * (ndim - 1))
 
 
 def _per_leaf(read: _Read, reducer: Callable[[jax.Array, Sequence[int]], jax.Array]) -> jax.Array:
@@ -455,22 +459,43 @@ def _combine(sums: dict[str, jax.Array], maxes: dict[str, jax.Array], plan: Plan
 
 
 class Sums(NamedTuple):
-  """Per-leaf partial norms, each leaf's in units of its scope's ``2**e``."""
+  """Per-leaf partial norms, each leaf's in units of its own ``2**e``."""
 
   sumsq: jax.Array  # [L]: sum((x * 2**-e)**2)
   e: jax.Array  # int32 [L]
   sumabs: jax.Array | None = None  # [L]: sum(|x * 2**-e|)
   amax: jax.Array | None = None  # [L]: max |x|, unscaled
 
-  def per_scope(self, plan: Plan) -> Sums:
-    """The same sums per scope ([S]); a scope's leaves share one ``e``."""
-    e = self.e if plan.scope == "leaf" else self.e[:1]
-    return Sums(
-      _scope_sum(self.sumsq, plan),
-      e,
-      None if self.sumabs is None else _scope_sum(self.sumabs, plan),
-      None if self.amax is None else _scope_max(self.amax, plan),
-    )
+
+class Scoped(NamedTuple):
+  """The norms per scope ([S]), from the per-leaf :class:`Sums`."""
+
+  sumsq: Pow2
+  sumabs: Pow2 | None
+  amax: jax.Array | None  # unscaled
+
+
+def _plain_scoped(sums: Sums, plan: Plan) -> Scoped:
+  """Per scope, sums that are all unscaled (the common read): plain sums."""
+  zero = jnp.zeros((plan.num_scopes,), jnp.int32)
+  sumabs = None if sums.sumabs is None else Pow2(_scope_sum(sums.sumabs, plan), zero)
+  amax = None if sums.amax is None else _scope_max(sums.amax, plan)
+  return Scoped(Pow2(_scope_sum(sums.sumsq, plan), zero), sumabs, amax)
+
+
+def _scaled_scoped(sums: Sums, plan: Plan) -> Scoped:
+  """Per scope, sums each in its leaf's own units: totals taken at the
+  scope's largest exponent."""
+
+  def total(p: Pow2) -> Pow2:
+    if plan.scope == "leaf":
+      return p
+    t = p.total(axis=0)
+    return Pow2(t.m[None], t.e[None])
+
+  sumabs = None if sums.sumabs is None else total(Pow2(sums.sumabs, sums.e))
+  amax = None if sums.amax is None else _scope_max(sums.amax, plan)
+  return Scoped(total(Pow2(sums.sumsq, 2 * sums.e)), sumabs, amax)
 
 
 def _trusted(sumsq: jax.Array, acc: np.dtype) -> jax.Array:
@@ -484,15 +509,23 @@ def _squares_always_fit(floats: Sequence[jax.Array]) -> bool:
   return all(x.dtype == jnp.float16 for x in floats)
 
 
+def _candidate(sumsq: jax.Array, acc: np.dtype) -> jax.Array:
+  """Per leaf, which candidate scale of ``_CANDIDATES`` keeps its sum of
+  squares in range, judged from its unscaled sum: 0 (it already is), 1 (it
+  overflowed) or 2 (it underflowed, or the leaf is zero or empty: scaled, its
+  sum stays 0)."""
+  return jnp.where(_trusted(sumsq, acc), 0, jnp.where(jnp.isfinite(sumsq), 2, 1))
+
+
 def _sums(read: _Read, plan: Plan, e: jax.Array | None, *, l1: bool, linf: bool) -> Sums:
   """One read of every leaf: per leaf, the sums of ``x * 2**-e`` with ``e``
-  per scope [S], or of ``x`` itself (``e=None``: the common read, nothing
-  in the kernel but the square and the sum)."""
+  per leaf [L], or of ``x`` itself (``e=None``: the common read, nothing in
+  the kernel but the square and the sum)."""
   scale = None if e is None else exp2(-e, plan.acc)
 
   def reducer(y, members):
     if scale is not None:
-      y = y * _column(scale, members, plan, y.ndim)
+      y = y * _column(scale, np.asarray(members), y.ndim)
     out = [_sum_over(jnp.square(y))]
     if l1:
       out.append(_sum_over(jnp.abs(y)))
@@ -501,26 +534,13 @@ def _sums(read: _Read, plan: Plan, e: jax.Array | None, *, l1: bool, linf: bool)
   sums = {"sums": _per_leaf(read, reducer)}
   maxes = {"amax": _per_leaf(read, lambda y, _: _max_abs_over(y))} if linf else {}
   sums, maxes = _combine(sums, maxes, plan)
-  e_leaf = jnp.zeros(plan.owner.shape, jnp.int32) if e is None else e[plan.owner]
+  e_leaf = jnp.zeros(plan.owner.shape, jnp.int32) if e is None else e
   return Sums(sums["sums"][0], e_leaf, sums["sums"][1] if l1 else None, maxes.get("amax"))
 
 
-def _exact_sums(floats, plan: Plan, *, l1: bool) -> Sums:
-  """Two reads: each scope's largest magnitude, whose power of two then
-  scales every element of the scope to below 1 (at most 4 when clamped at
-  the top of the range) for the sums."""
-  read = _read(floats, plan.groups, plan.acc)
-  amax = _per_leaf(read, lambda y, _: _max_abs_over(y))
-  amax = _combine({}, {"amax": amax}, plan)[1]["amax"]
-  info = jnp.finfo(plan.acc)
-  # 2**-e must be a normal number
-  e = jnp.clip(exponent(_scope_max(amax, plan)), 1 - info.maxexp, -info.minexp)
-  return _sums(read, plan, e, l1=l1, linf=False)
-
-
-def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> Sums:
+def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
   """One read into three candidate sums per leaf (unscaled, scaled down and
-  up), stacked into one reduction; per scope, the candidate in range wins."""
+  up), stacked into one reduction; per leaf, the candidate in range wins."""
   ks = jnp.asarray(_CANDIDATES[plan.acc], jnp.int32)
   # Not a constant: XLA would fold square(y * 2**75) of one element into
   # y**2 * 2**150, which overflows.
@@ -538,22 +558,27 @@ def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> Sums:
   maxes = {"amax": _per_leaf(read, lambda y, _: _max_abs_over(y))} if linf else {}
   sums, maxes = _combine(sums, maxes, plan)
   cands = sums["sums"]  # [3 or 6, L]
-  sumsq = _scope_sum(cands[:3], plan)  # [3, S]
-  in_range = _trusted(sumsq[0], plan.acc) | (plan.n == 0)
-  pick = jnp.where(in_range, 0, jnp.where(jnp.isfinite(sumsq[0]), 2, 1))[plan.owner]
+  pick = _candidate(cands[0], plan.acc)
   choose = lambda c: jnp.take_along_axis(c, pick[None], axis=0)[0]  # noqa: E731
-  return Sums(choose(cands[:3]), ks[pick], choose(cands[3:]) if l1 else None, maxes.get("amax"))
+  sums = Sums(choose(cands[:3]), ks[pick], choose(cands[3:]) if l1 else None, maxes.get("amax"))
+  return sums, _scaled_scoped(sums, plan)
 
 
-def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> Sums:
-  """The plain sums, and a rescue under ``lax.cond`` where they failed."""
+def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
+  """The plain sums; where a scope's sum of squares left the range, a
+  rescue under ``lax.cond`` reads again, each leaf scaled by the candidate
+  its own plain sum calls for."""
   fast = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
-  ok = jnp.all(_trusted(fast.per_scope(plan).sumsq, plan.acc) | (plan.n == 0))
+  plain = _plain_scoped(fast, plan)
+  ok = jnp.all(_trusted(plain.sumsq.m, plan.acc) | (plan.n == 0))
 
   def rescue(floats):
-    return _exact_sums(floats, plan, l1=l1)._replace(amax=fast.amax)
+    e = jnp.asarray(_CANDIDATES[plan.acc], jnp.int32)[_candidate(fast.sumsq, plan.acc)]
+    sums = _sums(_read(floats, plan.groups, plan.acc), plan, e, l1=l1, linf=False)
+    sums = sums._replace(amax=fast.amax)
+    return sums, _scaled_scoped(sums, plan)
 
-  return lax.cond(ok, lambda _: fast, rescue, list(floats))
+  return lax.cond(ok, lambda _: (fast, plain), rescue, list(floats))
 
 
 def _strategy() -> str:
@@ -562,10 +587,14 @@ def _strategy() -> str:
   return RESCALING
 
 
-def norm_sums(floats: Sequence[jax.Array], plan: Plan, *, l1: bool, linf: bool) -> Sums:
-  """Per-leaf partial norms of ``floats``, exact over the whole float range."""
+def norm_sums(
+  floats: Sequence[jax.Array], plan: Plan, *, l1: bool, linf: bool
+) -> tuple[Sums, Scoped]:
+  """Partial norms of ``floats`` per leaf and per scope, exact over the whole
+  float range."""
   if _squares_always_fit(floats):
-    return _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
+    sums = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
+    return sums, _plain_scoped(sums, plan)
 
   def branching(floats):
     return _branched_sums(floats, plan, l1=l1, linf=linf)
@@ -605,7 +634,8 @@ def _plain_moments(read: _Read, plan: Plan, scale=None, shift=None) -> jax.Array
 
   def reducer(y, members):
     if scale is not None:
-      y = y * _column(scale, members, plan, y.ndim) - _column(shift, members, plan, y.ndim)
+      scopes = plan.owner[np.asarray(members)]
+      y = y * _column(scale, scopes, y.ndim) - _column(shift, scopes, y.ndim)
     return jnp.stack([_sum_over(y), _sum_over(jnp.square(y))])
 
   sums, _ = _combine({"d": _per_leaf(read, reducer)}, {}, plan)
@@ -718,16 +748,14 @@ def reduce(
   if moments:
     mom = moment_sums(floats, plan)
     return Reduction(norm=_norm_statistic(mom.squares()), moments=mom)
-  sums = norm_sums(floats, plan, l1="l1" in norms, linf="linf" in norms)
-  scoped = sums.per_scope(plan)
-  squares = Pow2(scoped.sumsq, 2 * scoped.e)
-  out = Reduction(norm=_norm_statistic(squares), leaf_sumsq=Pow2(sums.sumsq, 2 * sums.e))
+  sums, scoped = norm_sums(floats, plan, l1="l1" in norms, linf="linf" in norms)
+  out = Reduction(norm=_norm_statistic(scoped.sumsq), leaf_sumsq=Pow2(sums.sumsq, 2 * sums.e))
   if "l2" in norms:
-    out = out._replace(l2=squares.sqrt())
+    out = out._replace(l2=scoped.sumsq.sqrt())
   if "l1" in norms:
-    out = out._replace(l1=Pow2(scoped.sumabs, scoped.e))
+    out = out._replace(l1=scoped.sumabs)
   if "linf" in norms:
-    out = out._replace(linf=Pow2(scoped.amax, jnp.zeros_like(scoped.e)))
+    out = out._replace(linf=Pow2(scoped.amax, jnp.zeros_like(scoped.sumsq.e)))
   return out
 
 

@@ -87,8 +87,7 @@ def test_monitor_next_to_a_clip_reads_nothing_more():
 def test_group_norms_over_the_whole_range(case):
   """Each leaf its own group: the global norm against float64 (inf beyond
   float32), each group norm between the float64 norm of its elements of at
-  least 2**-62 (relative to the largest element where that is larger) and its
-  true norm, and the gradient returned bitwise."""
+  least 2**-62 and its true norm, and the gradient returned bitwise."""
   g, leaves = case.build()
   tx = gc.monitor(lambda path: str(path[0].key))
   out, state = jax.jit(tx.update)(g, tx.init(g))
@@ -98,8 +97,7 @@ def test_group_norms_over_the_whole_range(case):
     )
   f32_max, tiny = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
   capped = lambda v: np.inf if v > f32_max else v  # noqa: E731
-  amax = max((float(np.max(np.abs(x))) for x in leaves if x.size), default=0.0)
-  floor = max(2.0**-62, amax * 2.0**-62)
+  floor = 2.0**-62
   for name, x in zip(sorted(g), leaves, strict=True):
     got = float(state.group_norms[name])
     high = capped(ref.global_l2([x]))
