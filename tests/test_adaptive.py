@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import optax_gradctl as gc
 
 from . import reference
-from .strategies import tree_and_magnitudes
+from .strategies import VARIANTS, tree_and_magnitudes, variant_settings
 from .test_whole_range import assert_leaves, assert_norm_statistic
 
 DIRECTION = {"a": np.array([0.6, 0.0]), "b": np.array([[0.8]])}  # a unit vector over two leaves
@@ -570,24 +570,40 @@ def test_skip_on_spike_counts_right_under_multisteps_and_inject_hyperparams():
   assert float(stats["inner_opt_state/inner_state/skip_on_spike/loss_spike"]) == 0.0
 
 
-@settings(max_examples=max(settings().max_examples // 2, 10))
-@given(case=tree_and_magnitudes(headroom=24), log2_abs=st.floats(-20, 20))
+@jax.jit
+def _adagc_warm_step(g, lambda_abs):
+  tx = gc.adagc(lambda_abs=lambda_abs, warmup_steps=3)
+  return tx.update(g, tx.init(g))
+
+
+_adagc_warm_after_one = gc.adagc(warmup_steps=1)
+
+
+@jax.jit
+def _adagc_two_steps(g):
+  """The first step on ``g`` and the second on ``2 * g``."""
+  tx = _adagc_warm_after_one
+  first, state = tx.update(g, tx.init(g))
+  second, _ = tx.update(jax.tree.map(lambda x: x * 2, g), state)
+  return first, second
+
+
+@variant_settings(max(settings().max_examples // 2, 10))
+@given(
+  case=tree_and_magnitudes(headroom=24, variants=VARIANTS),
+  log2_abs=st.lists(st.floats(-20, 20), min_size=VARIANTS, max_size=VARIANTS),
+)
 def test_adagc_over_the_whole_range(case, log2_abs):
   """The warm-up step is a global clip to lambda_abs; with warmup_steps=1 the
   first step sets each tensor's gamma to its norm, and a second step of twice
   the gradient is clipped back to lambda_rel times it. The headroom keeps the
   norms within float32."""
-  g, leaves = case.build()
-  lam = 2.0**log2_abs
-  warm = gc.adagc(lambda_abs=lam, warmup_steps=3)
-  out, state = jax.jit(warm.update)(g, warm.init(g))
-  assert_leaves(out, reference.clip_by_norm(leaves, lam, "l2", "global"))
-  assert_norm_statistic(state.norm, leaves)
+  for (g, leaves), log2 in zip(case.builds(), log2_abs, strict=True):
+    lam = 2.0**log2
+    out, state = _adagc_warm_step(g, lam)
+    assert_leaves(out, reference.clip_by_norm(leaves, lam, "l2", "global"))
+    assert_norm_statistic(state.norm, leaves)
 
-  tx = gc.adagc(warmup_steps=1)
-  step = jax.jit(tx.update)
-  out, state = step(g, tx.init(g))
-  assert_leaves(out, leaves)  # unclipped: no gamma yet
-  twice = jax.tree.map(lambda x: x * 2, g)
-  out, state = step(twice, state)
-  assert_leaves(out, [1.05 * x for x in leaves], atol_in_tiny=4.0)
+    first, second = _adagc_two_steps(g)
+    assert_leaves(first, leaves)  # unclipped: no gamma yet
+    assert_leaves(second, [1.05 * x for x in leaves], atol_in_tiny=4.0)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 import optax_gradctl as gc
 
 from . import reference as ref
-from .strategies import tree_and_magnitudes
+from .strategies import VARIANTS, tree_and_magnitudes, variant_settings
 
 
 def model_grads(big=False):
@@ -82,15 +82,21 @@ def test_monitor_next_to_a_clip_reads_nothing_more():
   assert alone and watched == alone, (alone, watched)
 
 
-@settings(max_examples=max(settings().max_examples // 2, 10))
-@given(case=tree_and_magnitudes())
+_each_leaf = gc.monitor(lambda path: str(path[0].key))
+_monitor_each_leaf = jax.jit(lambda g: _each_leaf.update(g, _each_leaf.init(g)))
+
+
+@variant_settings(max(settings().max_examples // 2, 10))
+@given(case=tree_and_magnitudes(variants=VARIANTS))
 def test_group_norms_over_the_whole_range(case):
   """Each leaf its own group: the global norm against float64 (inf beyond
   float32), each group norm between the float64 norm of its elements of at
   least 2**-62 and its true norm, and the gradient returned bitwise."""
-  g, leaves = case.build()
-  tx = gc.monitor(lambda path: str(path[0].key))
-  out, state = jax.jit(tx.update)(g, tx.init(g))
+  for g, leaves in case.builds():
+    _check_group_norms(g, leaves, *_monitor_each_leaf(g))
+
+
+def _check_group_norms(g, leaves, out, state):
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g), strict=True):
     np.testing.assert_array_equal(
       np.asarray(a).reshape(-1).view(np.uint8), np.asarray(b).reshape(-1).view(np.uint8)

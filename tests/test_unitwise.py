@@ -1,5 +1,7 @@
 """adaptive_grad_clip and per_example_clip: against optax and float64 references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 import optax_gradctl as gc
 
 from . import reference as ref
-from .strategies import tree_and_magnitudes
+from .strategies import VARIANTS, tree_and_magnitudes, variant_settings
 
 RTOL = {
   jnp.dtype(jnp.float16): 2e-3,
@@ -115,19 +117,29 @@ def _scaled_like(tree, rng):
   return out
 
 
-@settings(max_examples=max(settings().max_examples // 2, 10))
-@given(case=tree_and_magnitudes(), log2_clip=st.floats(-20, 10), seed=st.integers(0, 2**16))
-def test_agc_over_the_whole_range(case, log2_clip, seed):
-  g, _ = case.build()
-  w = _scaled_like(g, np.random.default_rng(seed))
-  clipping = 2.0**log2_clip
+@jax.jit
+def _agc_step(g, w, clipping):
   tx = gc.adaptive_grad_clip(clipping)
-  out, state = jax.jit(tx.update)(g, tx.init(w), w)
-  want, fraction = ref_agc(leaves64(g), leaves64(w), clipping, 1e-3)
-  for got, x in zip(jax.tree.leaves(out), want, strict=True):
-    tiny = float(jnp.finfo(got.dtype).tiny)
-    np.testing.assert_array_less(np.abs(ref.f64(got) - x), RTOL[got.dtype] * np.abs(x) + 2 * tiny)
-  np.testing.assert_allclose(float(state.clipped_fraction), fraction, rtol=1e-6)
+  return tx.update(g, tx.init(w), w)
+
+
+@variant_settings(max(settings().max_examples // 2, 10))
+@given(
+  case=tree_and_magnitudes(variants=VARIANTS),
+  log2_clip=st.lists(st.floats(-20, 10), min_size=VARIANTS, max_size=VARIANTS),
+  seed=st.integers(0, 2**16),
+)
+def test_agc_over_the_whole_range(case, log2_clip, seed):
+  rng = np.random.default_rng(seed)
+  for (g, _), log2 in zip(case.builds(), log2_clip, strict=True):
+    w = _scaled_like(g, rng)
+    clipping = 2.0**log2
+    out, state = _agc_step(g, w, clipping)
+    want, fraction = ref_agc(leaves64(g), leaves64(w), clipping, 1e-3)
+    for got, x in zip(jax.tree.leaves(out), want, strict=True):
+      tiny = float(jnp.finfo(got.dtype).tiny)
+      np.testing.assert_array_less(np.abs(ref.f64(got) - x), RTOL[got.dtype] * np.abs(x) + 2 * tiny)
+    np.testing.assert_allclose(float(state.clipped_fraction), fraction, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- per_example_clip
@@ -191,21 +203,30 @@ def test_per_example_needs_one_batch_axis():
     gc.per_example_clip(1.0, scope="layer")
 
 
-@settings(max_examples=max(settings().max_examples // 2, 10))
+@functools.partial(jax.jit, static_argnums=2)
+def _per_example_step(g, c, scope):
+  """``g`` and its half as a batch of two examples, clipped."""
+  batched = jax.tree.map(lambda x: jnp.stack([x, x / 2]), g)
+  tx = gc.per_example_clip(c, scope=scope)
+  return batched, *tx.update(batched, tx.init(batched))
+
+
+@variant_settings(max(settings().max_examples // 2, 10))
 @given(
-  case=tree_and_magnitudes(headroom=2),
-  log2_clip=st.floats(-30, 30),
+  case=tree_and_magnitudes(headroom=2, variants=VARIANTS),
+  log2_clip=st.lists(st.floats(-30, 30), min_size=VARIANTS, max_size=VARIANTS),
   scope=st.sampled_from(["global", "leaf"]),
 )
 def test_per_example_clip_over_the_whole_range(case, log2_clip, scope):
   """Two examples, the drawn gradient and its half, each clipped to its own
   norm and summed, against float64; the headroom keeps the sum in range."""
-  g, _ = case.build()
-  batched = jax.tree.map(lambda x: jnp.stack([x, x / 2]), g)
+  for (g, _), log2 in zip(case.builds(), log2_clip, strict=True):
+    c = 2.0**log2
+    _check_two_examples(*_per_example_step(g, c, scope), c, scope)
+
+
+def _check_two_examples(batched, out, state, c, scope):
   examples = [[ref.f64(x[e]) for x in jax.tree.leaves(batched)] for e in (0, 1)]
-  c = 2.0**log2_clip
-  tx = gc.per_example_clip(c, scope=scope)
-  out, state = jax.jit(tx.update)(batched, tx.init(batched))
   want = [np.zeros_like(x) for x in examples[0]]
   clipped = []
   for leaves in examples:

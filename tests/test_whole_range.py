@@ -16,7 +16,7 @@ import optax_gradctl as gc
 from optax_gradctl import _reduce
 
 from . import reference as ref
-from .strategies import tree_and_magnitudes
+from .strategies import VARIANTS, tree_and_magnitudes, variant_settings
 
 pytestmark = pytest.mark.usefixtures("strategy")
 
@@ -218,6 +218,9 @@ def test_zclip_threshold_is_finite_at_every_step_once_warm():
 # profile draws half its count here, the thorough profile its full count.
 _EXAMPLES = settings().max_examples // 2 if settings().max_examples <= 30 else None
 property_settings = settings(max_examples=_EXAMPLES) if _EXAMPLES else settings()
+# Where the program depends on the drawn structure alone, each example checks
+# VARIANTS sets of values with it.
+variant_property_settings = variant_settings(_EXAMPLES or settings().max_examples)
 
 
 RTOL = {
@@ -346,51 +349,53 @@ def _bound(log2_mag, sign):
   return sign * np.float32(2.0**log2_mag) if log2_mag >= -126 else np.float32(0)
 
 
-@property_settings
+_ENDS = st.lists(
+  st.tuples(st.floats(-130, 127.9), st.sampled_from([-1, 1])), min_size=2, max_size=2
+)
+
+
+@variant_property_settings
 @given(
-  case=tree_and_magnitudes(),
-  ends=st.lists(
-    st.tuples(st.floats(-130, 127.9), st.sampled_from([-1, 1])), min_size=2, max_size=2
-  ),
+  case=tree_and_magnitudes(variants=VARIANTS),
+  ends=st.lists(_ENDS, min_size=VARIANTS, max_size=VARIANTS),
 )
 def test_clip_by_value_over_the_whole_range(case, ends, strategy):
-  tree, leaves = case.build()
-  lo, hi = sorted(_bound(*e) for e in ends)
-  out, state = _value(tree, lo, hi, strategy)
-  for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
-    bounds = [ref.f64(jnp.asarray(b, jnp.float32).astype(x.dtype)) for b in (lo, hi)]
-    np.testing.assert_array_equal(ref.f64(got), np.clip(ref.f64(x), *bounds))
-  flat = np.concatenate([x.ravel() for x in leaves]) if leaves else np.zeros(0)
-  want = np.mean((flat > hi) | (flat < lo)) if flat.size else 0.0
-  np.testing.assert_allclose(float(state.clipped_fraction), want, rtol=1e-6)
-  assert_norm_statistic(state.norm, leaves)
+  for (tree, leaves), variant_ends in zip(case.builds(), ends, strict=True):
+    lo, hi = sorted(_bound(*e) for e in variant_ends)
+    out, state = _value(tree, lo, hi, strategy)
+    for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
+      bounds = [ref.f64(jnp.asarray(b, jnp.float32).astype(x.dtype)) for b in (lo, hi)]
+      np.testing.assert_array_equal(ref.f64(got), np.clip(ref.f64(x), *bounds))
+    flat = np.concatenate([x.ravel() for x in leaves]) if leaves else np.zeros(0)
+    want = np.mean((flat > hi) | (flat < lo)) if flat.size else 0.0
+    np.testing.assert_allclose(float(state.clipped_fraction), want, rtol=1e-6)
+    assert_norm_statistic(state.norm, leaves)
 
 
-@property_settings
-@given(case=tree_and_magnitudes(), ord=st.sampled_from(_reduce.NORMS))
+@variant_property_settings
+@given(case=tree_and_magnitudes(variants=VARIANTS), ord=st.sampled_from(_reduce.NORMS))
 def test_global_norm_over_the_whole_range(case, ord, strategy):
-  tree, leaves = case.build()
-  got = gc.global_norm(tree, ord)
-  flat = np.concatenate([x.ravel() for x in leaves]) if leaves else np.zeros(0)
-  want = ref.vector_norm(flat, ord)
-  if want > F32_MAX:
-    assert float(got) == np.inf
-  else:
-    np.testing.assert_allclose(float(got), want, rtol=2e-6, atol=F32_TINY)
+  for tree, leaves in case.builds():
+    got = gc.global_norm(tree, ord)
+    flat = np.concatenate([x.ravel() for x in leaves]) if leaves else np.zeros(0)
+    want = ref.vector_norm(flat, ord)
+    if want > F32_MAX:
+      assert float(got) == np.inf
+    else:
+      np.testing.assert_allclose(float(got), want, rtol=2e-6, atol=F32_TINY)
 
 
 # 8 binades of headroom: the float64 reference norms themselves must not overflow
-@property_settings
+@variant_property_settings
 @given(
-  case=tree_and_magnitudes(dtypes=(jnp.float64, jnp.float32), headroom=8),
-  log2_max=st.floats(-1000, 1000),
+  case=tree_and_magnitudes(dtypes=(jnp.float64, jnp.float32), headroom=8, variants=VARIANTS),
+  log2_max=st.lists(st.floats(-1000, 1000), min_size=VARIANTS, max_size=VARIANTS),
 )
 def test_float64_trees_over_the_whole_range(case, log2_max, strategy):
   with jax.enable_x64(True):
-    tree, leaves = case.build()
-    assume(any(x.dtype == jnp.float64 for x in jax.tree.leaves(tree)))  # accumulates in float64
-    max_norm = 2.0**log2_max
-    tx = gc.clip_by_global_norm(max_norm)
-    out, state = jax.jit(tx.update)(tree, tx.init(tree))
-    assert_leaves(out, ref.clip_by_norm(leaves, max_norm), atol_in_tiny=2 / 2**-1022 * 2**-1022)
-    assert_norm_statistic(state.norm, leaves)
+    assume(any(dtype == jnp.float64 for _, _, dtype in case.specs))  # accumulates in float64
+    for (tree, leaves), log2 in zip(case.builds(), log2_max, strict=True):
+      max_norm = 2.0**log2
+      out, state = _clip(tree, max_norm, "l2", "global", strategy)
+      assert_leaves(out, ref.clip_by_norm(leaves, max_norm), atol_in_tiny=2 / 2**-1022 * 2**-1022)
+      assert_norm_statistic(state.norm, leaves)
