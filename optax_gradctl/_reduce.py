@@ -85,8 +85,6 @@ RESCALING = "auto"
 
 
 def _leaf_dtype(x: Any) -> np.dtype | None:
-  if x is None:
-    return None
   dtype = getattr(x, "dtype", None)
   if dtype is None:
     if isinstance(x, (bool, int, np.integer, np.bool_)):
@@ -408,11 +406,9 @@ def _read(floats: Sequence[jax.Array], batches, acc: np.dtype) -> _Read:
 
 
 def _column(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
-  """``values`` (per scope or per leaf, or one scalar for all) at ``index``,
+  """``values`` (per scope or per leaf) at ``index``,
   the scopes or leaves of a batch's members, shaped to broadcast against the
   batch."""
-  if values.ndim == 0:
-    return values
   if np.all(index == index[0]):
     return values[int(index[0])]
   return values[index].reshape((len(index),) + (1,) * (ndim - 1))

@@ -165,6 +165,8 @@ def test_clip_by_value_default_is_symmetric():
     (lambda: gc.clip_by_norm(1.0, scope="layer"), r"scope.*'layer'"),
     (lambda: gc.clip_by_global_norm(-0.5), r"clip_by_global_norm: max_norm.*-0\.5"),
     (lambda: gc.clip_by_global_norm(np.ones(3)), r"max_norm.*shape"),
+    (lambda: gc.clip_by_global_norm("1.0"), r"max_norm expected a real number, got '1\.0'"),
+    (lambda: gc.clip_by_global_norm(1j), r"max_norm expected a real number, got 1j"),
   ],
 )
 def test_bad_hyperparameters_raise_naming_argument_and_value(make, match):

@@ -82,8 +82,17 @@ def test_non_float_leaves_do_not_count():
     "step": jnp.array([100, 100]),
     "tangent": np.zeros((2,), jax.dtypes.float0),
     "py": 7,
+    "tag": "w",
   }
   assert float(gc.global_norm(tree)) == 5.0
+  # a Python float is a float leaf
+  assert float(gc.global_norm({**tree, "scale": 12.0})) == 13.0
+
+
+def test_unknown_rescaling_strategy_raises(monkeypatch):
+  monkeypatch.setattr(_reduce, "RESCALING", "fast")
+  with pytest.raises(ValueError, match=r"RESCALING.*'fast'"):
+    gc.global_norm(jnp.ones(3))
 
 
 def test_empty_tree_has_norm_zero():
