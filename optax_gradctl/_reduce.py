@@ -915,7 +915,10 @@ def scale_factors(
   s1 = one / exp2(-k1, dtype)
   numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
   s2 = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
-  return Factors(s1, s2), active & finite
+  # One kernel for both (each would be its own, with its own compile time);
+  # the barrier keeps XLA from taking the stack apart again.
+  packed = lax.optimization_barrier(jnp.stack([s1, s2]))
+  return Factors(packed[0], packed[1]), active & finite
 
 
 def times_factors(y: jax.Array, s1: jax.Array, s2: jax.Array) -> jax.Array:
