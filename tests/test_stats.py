@@ -78,7 +78,7 @@ def test_found_through_wrappers():
 def test_batched_states_keep_their_batch_axis():
   tx = gc.clip_by_global_norm(1.0)
   g = jnp.stack([jnp.array([3.0, 4.0]), jnp.array([0.3, 0.4])])
-  _, state = jax.vmap(lambda x: tx.update(x, tx.init(x)))(g)
+  _, state = jax.jit(jax.vmap(lambda x: tx.update(x, tx.init(x))))(g)
   np.testing.assert_allclose(gc.stats(state)["clip_by_global_norm/norm"], [5.0, 0.5])
 
 

@@ -281,67 +281,65 @@ _value = jax.jit(
 )
 
 
-@property_settings
+# The scope is a test parameter and the norm a drawn one: each example checks
+# VARIANTS sets of values with one compiled program.
+@variant_property_settings
 @given(
-  case=tree_and_magnitudes(),
+  case=tree_and_magnitudes(variants=VARIANTS),
   ord=st.sampled_from(_reduce.NORMS),
-  scope=st.sampled_from(_reduce.SCOPES),
-  log2_max=st.floats(-126, 127.9),
+  log2_max=st.lists(st.floats(-126, 127.9), min_size=VARIANTS, max_size=VARIANTS),
 )
+@pytest.mark.parametrize("scope", _reduce.SCOPES)
 def test_clip_by_norm_over_the_whole_range(case, ord, scope, log2_max, strategy):
-  tree, leaves = case.build()
-  max_norm = float(np.float32(2.0**log2_max))
-  out, state = _clip(tree, max_norm, ord, scope, strategy)
-  assert_leaves(out, ref.clip_by_norm(leaves, max_norm, ord, scope))
-  assert_norm_statistic(state.norm, leaves)
-  norms = ref.norms(leaves, ord, scope)
-  want_fraction = np.mean([n > max_norm for n, _ in norms] or [0])
-  np.testing.assert_allclose(float(state.clipped_fraction), want_fraction)
-  # a scope within the bound comes back bitwise unchanged
-  got, given_ = jax.tree.leaves(out), jax.tree.leaves(tree)
-  for i in (i for n, idx in norms if n <= max_norm for i in idx):
-    np.testing.assert_array_equal(bits(got[i]), bits(given_[i]))
+  for (tree, leaves), log2 in zip(case.builds(), log2_max, strict=True):
+    max_norm = float(np.float32(2.0**log2))
+    out, state = _clip(tree, max_norm, ord, scope, strategy)
+    assert_leaves(out, ref.clip_by_norm(leaves, max_norm, ord, scope))
+    assert_norm_statistic(state.norm, leaves)
+    norms = ref.norms(leaves, ord, scope)
+    want_fraction = np.mean([n > max_norm for n, _ in norms] or [0])
+    np.testing.assert_allclose(float(state.clipped_fraction), want_fraction)
+    # a scope within the bound comes back bitwise unchanged
+    got, given_ = jax.tree.leaves(out), jax.tree.leaves(tree)
+    for i in (i for n, idx in norms if n <= max_norm for i in idx):
+      np.testing.assert_array_equal(bits(got[i]), bits(given_[i]))
 
 
-@property_settings
-@given(
-  case=tree_and_magnitudes(),
-  ord=st.sampled_from(_reduce.NORMS),
-  scope=st.sampled_from(_reduce.SCOPES),
-)
+@variant_property_settings
+@given(case=tree_and_magnitudes(variants=VARIANTS), ord=st.sampled_from(_reduce.NORMS))
+@pytest.mark.parametrize("scope", _reduce.SCOPES)
 def test_unit_rescale_over_the_whole_range(case, ord, scope, strategy):
-  tree, leaves = case.build()
-  out, state = _unit(tree, ord, scope, strategy)
-  assert_leaves(out, ref.unit_rescale(leaves, ord, scope))
-  assert_norm_statistic(state.norm, leaves)
-  got = jax.tree.leaves(out)
-  for n, idx in ref.norms([ref.f64(x) for x in got], ord, scope):
-    if any(leaves[i].size and np.any(leaves[i]) for i in idx):  # a zero scope stays zero
-      np.testing.assert_allclose(n, 1.0, rtol=4 * max(RTOL[got[i].dtype] for i in idx))
+  for tree, leaves in case.builds():
+    out, state = _unit(tree, ord, scope, strategy)
+    assert_leaves(out, ref.unit_rescale(leaves, ord, scope))
+    assert_norm_statistic(state.norm, leaves)
+    got = jax.tree.leaves(out)
+    for n, idx in ref.norms([ref.f64(x) for x in got], ord, scope):
+      if any(leaves[i].size and np.any(leaves[i]) for i in idx):  # a zero scope stays zero
+        np.testing.assert_allclose(n, 1.0, rtol=4 * max(RTOL[got[i].dtype] for i in idx))
 
 
-@property_settings
-@given(
-  case=tree_and_magnitudes(), scope=st.sampled_from(_reduce.SCOPES), ddof=st.sampled_from([0, 1])
-)
+@variant_property_settings
+@given(case=tree_and_magnitudes(variants=VARIANTS), ddof=st.sampled_from([0, 1]))
+@pytest.mark.parametrize("scope", _reduce.SCOPES)
 def test_zscore_over_the_whole_range(case, scope, ddof, strategy):
-  tree, leaves = case.build()
-  sizes = [x.size for x in leaves]
+  sizes = [np.size(values) for _, values, _ in case.specs]
   if any(0 < n <= ddof for n in ([sum(sizes)] if scope == "global" else sizes)):
     with pytest.raises(ValueError, match="ddof"):
-      _zscore(tree, scope, ddof, strategy)
+      _zscore(case.build()[0], scope, ddof, strategy)
     return
-  out, state = _zscore(tree, scope, ddof, strategy)
-  want = ref.zscore(leaves, scope, ddof)
-  for got, w in zip(jax.tree.leaves(out), want, strict=True):
-    # in units of the std: the output's own rounding, and float32 rounding of the moments
-    np.testing.assert_array_less(np.abs(ref.f64(got) - w), RTOL[got.dtype] * np.abs(w) + 1e-3)
-  assert_norm_statistic(state.norm, leaves)
-  if scope == "global":
-    mean, std = ref.zscore_moments(leaves, ddof)
-    if abs(mean) < F32_MAX and std < F32_MAX:
-      np.testing.assert_allclose(float(state.mean), mean, rtol=1e-5, atol=1e-5 * std + F32_TINY)
-      np.testing.assert_allclose(float(state.std), std, rtol=1e-5, atol=F32_TINY)
+  for tree, leaves in case.builds():
+    out, state = _zscore(tree, scope, ddof, strategy)
+    want = ref.zscore(leaves, scope, ddof)
+    for got, w in zip(jax.tree.leaves(out), want, strict=True):
+      # in units of the std: the output's own rounding, and float32 rounding of the moments
+      np.testing.assert_array_less(np.abs(ref.f64(got) - w), RTOL[got.dtype] * np.abs(w) + 1e-3)
+    assert_norm_statistic(state.norm, leaves)
+    if scope == "global":
+      mean, std = ref.zscore_moments(leaves, ddof)
+      if abs(mean) < F32_MAX and std < F32_MAX:
+        np.testing.assert_allclose(float(state.mean), mean, rtol=1e-5, atol=1e-5 * std + F32_TINY)
+        np.testing.assert_allclose(float(state.std), std, rtol=1e-5, atol=F32_TINY)
 
 
 def _bound(log2_mag, sign):
