@@ -406,9 +406,8 @@ def _read(floats: Sequence[jax.Array], batches, acc: np.dtype) -> _Read:
 
 
 def _column(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
-  """``values`` (per scope or per leaf) at ``index``,
-  the scopes or leaves of a batch's members, shaped to broadcast against the
-  batch."""
+  """``values`` (per scope or per leaf) at ``index``, the scopes or leaves of
+  a batch's members, shaped to broadcast against the batch."""
   if np.all(index == index[0]):
     return values[int(index[0])]
   return values[index].reshape((len(index),) + (1,) * (ndim - 1))
@@ -462,6 +461,10 @@ class Sums(NamedTuple):
   sumabs: jax.Array | None = None  # [L]: sum(|x * 2**-e|)
   amax: jax.Array | None = None  # [L]: max |x|, unscaled
 
+  def squares(self) -> Pow2:
+    """Each leaf's sum of squares."""
+    return Pow2(self.sumsq, 2 * self.e)
+
 
 class Scoped(NamedTuple):
   """The norms per scope ([S]), from the per-leaf :class:`Sums`."""
@@ -471,19 +474,13 @@ class Scoped(NamedTuple):
   amax: jax.Array | None  # unscaled
 
 
-def _plain_scoped(sums: Sums, plan: Plan) -> Scoped:
-  """Per scope, sums that are all unscaled (the common read): plain sums."""
-  zero = jnp.zeros((plan.num_scopes,), jnp.int32)
-  sumabs = None if sums.sumabs is None else Pow2(_scope_sum(sums.sumabs, plan), zero)
-  amax = None if sums.amax is None else _scope_max(sums.amax, plan)
-  return Scoped(Pow2(_scope_sum(sums.sumsq, plan), zero), sumabs, amax)
-
-
-def _scaled_scoped(sums: Sums, plan: Plan) -> Scoped:
-  """Per scope, sums each in its leaf's own units: totals taken at the
-  scope's largest exponent."""
+def _per_scope(sums: Sums, plan: Plan, *, scaled: bool) -> Scoped:
+  """The per-leaf ``sums`` per scope: plain sums where every leaf is unscaled
+  (the common read), else totals taken at the scope's largest exponent."""
 
   def total(p: Pow2) -> Pow2:
+    if not scaled:
+      return Pow2(_scope_sum(p.m, plan), jnp.zeros((plan.num_scopes,), jnp.int32))
     if plan.scope == "leaf":
       return p
     t = p.total(axis=0)
@@ -491,7 +488,7 @@ def _scaled_scoped(sums: Sums, plan: Plan) -> Scoped:
 
   sumabs = None if sums.sumabs is None else total(Pow2(sums.sumabs, sums.e))
   amax = None if sums.amax is None else _scope_max(sums.amax, plan)
-  return Scoped(total(Pow2(sums.sumsq, 2 * sums.e)), sumabs, amax)
+  return Scoped(total(sums.squares()), sumabs, amax)
 
 
 def _trusted(sumsq: jax.Array, acc: np.dtype) -> jax.Array:
@@ -511,6 +508,12 @@ def _candidate(sumsq: jax.Array, acc: np.dtype) -> jax.Array:
   overflowed) or 2 (it underflowed, or the leaf is zero or empty: scaled, its
   sum stays 0)."""
   return jnp.where(_trusted(sumsq, acc), 0, jnp.where(jnp.isfinite(sumsq), 2, 1))
+
+
+def _candidate_scales(acc: np.dtype) -> jax.Array:
+  """The exponents k of ``_CANDIDATES`` as int32. Not constants: XLA would
+  fold square(y * 2**75) of one element into y**2 * 2**150, which overflows."""
+  return lax.optimization_barrier(jnp.asarray(_CANDIDATES[acc], jnp.int32))
 
 
 def _sums(read: _Read, plan: Plan, e: jax.Array | None, *, l1: bool, linf: bool) -> Sums:
@@ -537,10 +540,7 @@ def _sums(read: _Read, plan: Plan, e: jax.Array | None, *, l1: bool, linf: bool)
 def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
   """One read into three candidate sums per leaf (unscaled, scaled down and
   up), stacked into one reduction; per leaf, the candidate in range wins."""
-  ks = jnp.asarray(_CANDIDATES[plan.acc], jnp.int32)
-  # Not a constant: XLA would fold square(y * 2**75) of one element into
-  # y**2 * 2**150, which overflows.
-  ks = lax.optimization_barrier(ks)
+  ks = _candidate_scales(plan.acc)
   scales = exp2(-ks, plan.acc)
 
   def reducer(y, members):
@@ -557,7 +557,7 @@ def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, S
   pick = _candidate(cands[0], plan.acc)
   choose = lambda c: jnp.take_along_axis(c, pick[None], axis=0)[0]  # noqa: E731
   sums = Sums(choose(cands[:3]), ks[pick], choose(cands[3:]) if l1 else None, maxes.get("amax"))
-  return sums, _scaled_scoped(sums, plan)
+  return sums, _per_scope(sums, plan, scaled=True)
 
 
 def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
@@ -565,14 +565,14 @@ def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, S
   rescue under ``lax.cond`` reads again, each leaf scaled by the candidate
   its own plain sum calls for."""
   fast = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
-  plain = _plain_scoped(fast, plan)
+  plain = _per_scope(fast, plan, scaled=False)
   ok = jnp.all(_trusted(plain.sumsq.m, plan.acc) | (plan.n == 0))
 
   def rescue(floats):
-    e = jnp.asarray(_CANDIDATES[plan.acc], jnp.int32)[_candidate(fast.sumsq, plan.acc)]
+    e = _candidate_scales(plan.acc)[_candidate(fast.sumsq, plan.acc)]
     sums = _sums(_read(floats, plan.groups, plan.acc), plan, e, l1=l1, linf=False)
     sums = sums._replace(amax=fast.amax)
-    return sums, _scaled_scoped(sums, plan)
+    return sums, _per_scope(sums, plan, scaled=True)
 
   return lax.cond(ok, lambda _: (fast, plain), rescue, list(floats))
 
@@ -590,7 +590,7 @@ def norm_sums(
   float range."""
   if _squares_always_fit(floats):
     sums = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
-    return sums, _plain_scoped(sums, plan)
+    return sums, _per_scope(sums, plan, scaled=False)
 
   def branching(floats):
     return _branched_sums(floats, plan, l1=l1, linf=linf)
@@ -745,7 +745,7 @@ def reduce(
     mom = moment_sums(floats, plan)
     return Reduction(norm=_norm_statistic(mom.squares()), moments=mom)
   sums, scoped = norm_sums(floats, plan, l1="l1" in norms, linf="linf" in norms)
-  out = Reduction(norm=_norm_statistic(scoped.sumsq), leaf_sumsq=Pow2(sums.sumsq, 2 * sums.e))
+  out = Reduction(norm=_norm_statistic(scoped.sumsq), leaf_sumsq=sums.squares())
   if "l2" in norms:
     out = out._replace(l2=scoped.sumsq.sqrt())
   if "l1" in norms:

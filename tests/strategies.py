@@ -22,10 +22,18 @@ RANGE_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 VARIANTS = 3
 
 
-def variant_settings(value_sets: int) -> settings:
+def variant_settings(value_sets: int | None = None) -> settings:
   """Hypothesis settings that check about ``value_sets`` sets of values in
-  cases of VARIANTS sets each."""
+  cases of VARIANTS sets each; by default half the profile's examples, at
+  least 10."""
+  if value_sets is None:
+    value_sets = max(settings().max_examples // 2, 10)
   return settings(max_examples=max(value_sets // VARIANTS, 3))
+
+
+def per_variant(values: st.SearchStrategy) -> st.SearchStrategy:
+  """One draw of ``values`` for each variant of a case."""
+  return st.lists(values, min_size=VARIANTS, max_size=VARIANTS)
 
 
 class RangeCase:

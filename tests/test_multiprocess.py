@@ -26,26 +26,12 @@ import optax_gradctl as gc
 from . import multiprocess_cases as cases
 from . import multiprocess_launch as launch
 from . import reference as ref
+from .trees import close, identical
 
 
 @pytest.fixture
 def results(multiprocess_results) -> list[dict]:
   return multiprocess_results
-
-
-def close(a, b, rtol=2e-6, atol=1e-7):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
-    )
-
-
-def identical(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import optax_gradctl as gc
 
 from . import reference as ref
 from .transforms import CASES
+from .trees import close
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -36,13 +37,6 @@ def mesh_1d(kind=AxisType.Auto):
 
 def mesh_2d(kind=AxisType.Explicit):
   return jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind, kind))
-
-
-def close(a, b, rtol=2e-6, atol=1e-7):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
-    )
 
 
 def collectives(text: str) -> dict[str, int]:

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import optax_gradctl as gc
 
 from . import reference as ref
-from .strategies import VARIANTS, tree_and_magnitudes, variant_settings
+from .strategies import VARIANTS, per_variant, tree_and_magnitudes, variant_settings
 
 RTOL = {
   jnp.dtype(jnp.float16): 2e-3,
@@ -123,10 +123,10 @@ def _agc_step(g, w, clipping):
   return tx.update(g, tx.init(w), w)
 
 
-@variant_settings(max(settings().max_examples // 2, 10))
+@variant_settings()
 @given(
   case=tree_and_magnitudes(variants=VARIANTS),
-  log2_clip=st.lists(st.floats(-20, 10), min_size=VARIANTS, max_size=VARIANTS),
+  log2_clip=per_variant(st.floats(-20, 10)),
   seed=st.integers(0, 2**16),
 )
 def test_agc_over_the_whole_range(case, log2_clip, seed):
@@ -211,10 +211,10 @@ def _per_example_step(g, c, scope):
   return batched, *tx.update(batched, tx.init(batched))
 
 
-@variant_settings(max(settings().max_examples // 2, 10))
+@variant_settings()
 @given(
   case=tree_and_magnitudes(headroom=2, variants=VARIANTS),
-  log2_clip=st.lists(st.floats(-30, 30), min_size=VARIANTS, max_size=VARIANTS),
+  log2_clip=per_variant(st.floats(-30, 30)),
   scope=st.sampled_from(["global", "leaf"]),
 )
 def test_per_example_clip_over_the_whole_range(case, log2_clip, scope):

@@ -16,7 +16,7 @@ import optax_gradctl as gc
 from optax_gradctl import _reduce
 
 from . import reference as ref
-from .strategies import VARIANTS, tree_and_magnitudes, variant_settings
+from .strategies import VARIANTS, per_variant, tree_and_magnitudes, variant_settings
 
 pytestmark = pytest.mark.usefixtures("strategy")
 
@@ -163,13 +163,13 @@ def test_clip_by_value_none_fails_at_construction():
 )
 def test_zclip_enters_the_cap_of_an_overflowing_finite_norm(mode, want_mean, want_std):
   tx = gc.zclip(2.5, warmup_steps=4, mode=mode)
-  state = tx.init(jnp.zeros(2))
+  state, step = tx.init(jnp.zeros(2)), jax.jit(tx.update)
   for norm in [1.0, 1.2, 0.9, 1.1]:
-    _, state = jax.jit(tx.update)(jnp.array([norm, 0.0]), state)
+    _, state = step(jnp.array([norm, 0.0]), state)
   np.testing.assert_allclose(
     [float(state.ema_mean), float(state.ema_std)], [1.05, 0.1118], atol=1e-4
   )
-  out, state = jax.jit(tx.update)(jnp.array([3e38, 3e38]), state)
+  out, state = step(jnp.array([3e38, 3e38]), state)
   assert float(state.clipped_fraction) == 1.0 and float(state.z) == np.inf
   # the EMA takes the cap: mean 0.97 * 1.05 + 0.03 * cap, and the variance likewise
   mean, std = 1.05, np.sqrt(0.0125)
@@ -185,16 +185,14 @@ def test_zclip_enters_the_cap_of_an_overflowing_finite_norm(mode, want_mean, wan
 
 def test_autoclip_at_the_100th_percentile_never_clips():
   tx = gc.autoclip(100.0, history=8)
-  state = tx.init(jnp.zeros(2))
+  state, step = tx.init(jnp.zeros(2)), jax.jit(tx.update)
   for norm in [1.0, 1.2]:
-    _, state = jax.jit(tx.update)(jnp.array([norm, 0.0]), state)
+    _, state = step(jnp.array([norm, 0.0]), state)
   g = jnp.array([3e38, 3e38])
-  out, state = jax.jit(tx.update)(g, state)
+  out, state = step(g, state)
   np.testing.assert_array_equal(out, g)
   assert float(state.clipped_fraction) == 0.0 and float(state.threshold) == np.inf
-  out, state = jax.jit(tx.update)(
-    jnp.array([2.0, 0.0]), state
-  )  # the overflowing norm stays in the history
+  out, state = step(jnp.array([2.0, 0.0]), state)  # the overflowing norm stays in the history
   assert float(state.threshold) == np.inf and float(out[0]) == 2.0
 
 
@@ -287,7 +285,7 @@ _value = jax.jit(
 @given(
   case=tree_and_magnitudes(variants=VARIANTS),
   ord=st.sampled_from(_reduce.NORMS),
-  log2_max=st.lists(st.floats(-126, 127.9), min_size=VARIANTS, max_size=VARIANTS),
+  log2_max=per_variant(st.floats(-126, 127.9)),
 )
 @pytest.mark.parametrize("scope", _reduce.SCOPES)
 def test_clip_by_norm_over_the_whole_range(case, ord, scope, log2_max, strategy):
@@ -355,7 +353,7 @@ _ENDS = st.lists(
 @variant_property_settings
 @given(
   case=tree_and_magnitudes(variants=VARIANTS),
-  ends=st.lists(_ENDS, min_size=VARIANTS, max_size=VARIANTS),
+  ends=per_variant(_ENDS),
 )
 def test_clip_by_value_over_the_whole_range(case, ends, strategy):
   for (tree, leaves), variant_ends in zip(case.builds(), ends, strict=True):
@@ -387,7 +385,7 @@ def test_global_norm_over_the_whole_range(case, ord, strategy):
 @variant_property_settings
 @given(
   case=tree_and_magnitudes(dtypes=(jnp.float64, jnp.float32), headroom=8, variants=VARIANTS),
-  log2_max=st.lists(st.floats(-1000, 1000), min_size=VARIANTS, max_size=VARIANTS),
+  log2_max=per_variant(st.floats(-1000, 1000)),
 )
 def test_float64_trees_over_the_whole_range(case, log2_max, strategy):
   with jax.enable_x64(True):
