@@ -212,13 +212,11 @@ def test_zclip_threshold_is_finite_at_every_step_once_warm():
 
 # ----------------------------------------------------------------------------- the property suite
 
-# Every example compiles a program of its own (about 0.3 s): the default
-# profile draws half its count here, the thorough profile its full count.
-_EXAMPLES = settings().max_examples // 2 if settings().max_examples <= 30 else None
-property_settings = settings(max_examples=_EXAMPLES) if _EXAMPLES else settings()
-# Where the program depends on the drawn structure alone, each example checks
-# VARIANTS sets of values with it.
-variant_property_settings = variant_settings(_EXAMPLES or settings().max_examples)
+# Each example compiles a program (about 0.3 s) and checks VARIANTS sets of
+# values with it: half the default profile's count of value sets, the
+# thorough profile's full count.
+_VALUE_SETS = settings().max_examples
+property_settings = variant_settings(_VALUE_SETS // 2 if _VALUE_SETS <= 30 else _VALUE_SETS)
 
 
 RTOL = {
@@ -281,7 +279,7 @@ _value = jax.jit(
 
 # The scope is a test parameter and the norm a drawn one: each example checks
 # VARIANTS sets of values with one compiled program.
-@variant_property_settings
+@property_settings
 @given(
   case=tree_and_magnitudes(variants=VARIANTS),
   ord=st.sampled_from(_reduce.NORMS),
@@ -303,7 +301,7 @@ def test_clip_by_norm_over_the_whole_range(case, ord, scope, log2_max, strategy)
       np.testing.assert_array_equal(bits(got[i]), bits(given_[i]))
 
 
-@variant_property_settings
+@property_settings
 @given(case=tree_and_magnitudes(variants=VARIANTS), ord=st.sampled_from(_reduce.NORMS))
 @pytest.mark.parametrize("scope", _reduce.SCOPES)
 def test_unit_rescale_over_the_whole_range(case, ord, scope, strategy):
@@ -317,7 +315,7 @@ def test_unit_rescale_over_the_whole_range(case, ord, scope, strategy):
         np.testing.assert_allclose(n, 1.0, rtol=4 * max(RTOL[got[i].dtype] for i in idx))
 
 
-@variant_property_settings
+@property_settings
 @given(case=tree_and_magnitudes(variants=VARIANTS), ddof=st.sampled_from([0, 1]))
 @pytest.mark.parametrize("scope", _reduce.SCOPES)
 def test_zscore_over_the_whole_range(case, scope, ddof, strategy):
@@ -350,7 +348,7 @@ _ENDS = st.lists(
 )
 
 
-@variant_property_settings
+@property_settings
 @given(
   case=tree_and_magnitudes(variants=VARIANTS),
   ends=per_variant(_ENDS),
@@ -368,7 +366,7 @@ def test_clip_by_value_over_the_whole_range(case, ends, strategy):
     assert_norm_statistic(state.norm, leaves)
 
 
-@variant_property_settings
+@property_settings
 @given(case=tree_and_magnitudes(variants=VARIANTS), ord=st.sampled_from(_reduce.NORMS))
 def test_global_norm_over_the_whole_range(case, ord, strategy):
   for tree, leaves in case.builds():
@@ -382,7 +380,7 @@ def test_global_norm_over_the_whole_range(case, ord, strategy):
 
 
 # 8 binades of headroom: the float64 reference norms themselves must not overflow
-@variant_property_settings
+@property_settings
 @given(
   case=tree_and_magnitudes(dtypes=(jnp.float64, jnp.float32), headroom=8, variants=VARIANTS),
   log2_max=per_variant(st.floats(-1000, 1000)),
