@@ -1,17 +1,17 @@
-"""Shared pytest settings: 8 simulated CPU devices, one directory (and one
-compilation cache) for the whole run, the multi-process workers, hypothesis
-profiles, and the reduction-strategy fixture."""
+"""Shared pytest settings: 8 simulated CPU devices, XLA's faster-compiling
+CPU emitters, one directory (and one compilation cache) for the whole run,
+the multi-process workers, hypothesis profiles, and the reduction-strategy
+fixture."""
 
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-# Before jax is imported anywhere: the sharding tests need a mesh of 8 devices.
-# Everything else runs on the first one, as it would on a single device.
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from . import xla_flags
+
+# Before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = xla_flags.for_tests()
 
 import jax
 import pytest
