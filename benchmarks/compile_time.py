@@ -25,7 +25,7 @@ CASES = {
   "clip_by_global_norm": {
     "gradctl": "gc.clip_by_global_norm(1.0)",
     "optax": "optax.clip_by_global_norm(1.0)",
-    "plain clip": "PLAIN",
+    "plain clip": "plain_clip(1.0)",
   },
   "clip_by_value": {"gradctl": "gc.clip_by_value(1.0)", "optax": "optax.clip(1.0)"},
   "clip_by_value(stats=False)": {
@@ -40,16 +40,13 @@ import json, sys, time
 import jax, jax.numpy as jnp, optax
 import optax_gradctl as gc
 from benchmarks.throughput import _jnp_zscore
+from benchmarks.train_step import plain_clip
 L = int(sys.argv[1]); expr = sys.argv[2]
 tree = [jax.ShapeDtypeStruct((1000,), jnp.float32) for _ in range(L)]
 if expr == "JNP_ZSCORE":
   fn = lambda t: _jnp_zscore(t)
 elif expr == "FLOOR":
   fn = lambda t: jax.tree.map(lambda a: a * 0.5, t)
-elif expr == "PLAIN":
-  from benchmarks.train_step import plain_clip
-  tx = plain_clip(1.0)
-  fn = lambda t: tx.update(t, tx.init(t))
 else:
   tx = eval(expr)
   fn = lambda t: tx.update(t, tx.init(t))

@@ -54,4 +54,4 @@ def test_quick_pass_writes_its_table(name, tmp_path):
   if name == "compile_time":
     assert all(r["gradctl"]["compile_s"] > 0 for r in data["rows"])
     assert all(r["floor"]["compile_s"] > 0 for r in data["rows"])
-    assert all(r["plain clip"]["compile_s"] > 0 for r in data["rows"])  # the quick run: the clip
+    assert all(r["plain clip"]["compile_s"] > 0 for r in data["rows"])  # quick: only the clip
