@@ -326,11 +326,10 @@ def _allreduce(
 # The plan: static facts about the leaves, and how they are read
 
 
-# In the common read, leaves of at most this many elements are reduced
-# stacked with the other leaves of their shape and dtype: one kernel for the
-# group instead of one per leaf. At this size the copy costs less than a
-# kernel launch. The rescue stacks leaves of any size: it is rarely run, and
-# fewer kernels compile faster.
+# Leaves of at most this many elements are reduced stacked with the other
+# leaves of their shape and dtype: one kernel for the group instead of one
+# per leaf. At this size the copy costs less than a kernel launch. A rescue
+# reads the same stacked batches: it compiles no second set of copies.
 STACK_LIMIT = 4096
 # At most this many leaves go into one stacked kernel. XLA's CPU compiler
 # takes time quadratic in the operands of one fused concatenation (94 s for
@@ -347,23 +346,22 @@ class Plan(NamedTuple):
   n: np.ndarray  # int64 [S]: elements per scope, over every device
   weights: np.ndarray | None  # [L]: 1 / copies of each leaf among the devices
   axes: Axes | None
-  batches: tuple[tuple[int, ...], ...]  # leaves read together in the common read
-  groups: tuple[tuple[int, ...], ...]  # leaves read together in the rescue
+  batches: tuple[tuple[int, ...], ...]  # leaves read together
 
   @property
   def num_scopes(self) -> int:
     return len(self.n)
 
 
-def _batched(floats: Sequence[jax.Array], limit: float) -> tuple[tuple[int, ...], ...]:
+def _batched(floats: Sequence[jax.Array]) -> tuple[tuple[int, ...], ...]:
   """Leaf indices in batches: up to STACK_GROUP leaves of one shape and dtype
-  of at most ``limit`` elements together, larger leaves alone."""
+  of at most STACK_LIMIT elements together, larger leaves alone."""
   same: dict[tuple, list[int]] = {}
   for i, x in enumerate(floats):
     same.setdefault((x.shape, x.dtype), []).append(i)
   out: list[tuple[int, ...]] = []
   for idx in same.values():
-    if floats[idx[0]].size <= limit:
+    if floats[idx[0]].size <= STACK_LIMIT:
       out += [tuple(idx[k : k + STACK_GROUP]) for k in range(0, len(idx), STACK_GROUP)]
     else:
       out += [(i,) for i in idx]
@@ -385,8 +383,7 @@ def make_plan(floats: Sequence[jax.Array], scope: Scope, axes: Axes | None = Non
     n,
     _weights(axes),
     axes,
-    _batched(floats, STACK_LIMIT),
-    _batched(floats, np.inf),
+    _batched(floats),
   )
 
 
@@ -562,19 +559,20 @@ def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, S
 
 def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
   """The plain sums; where a scope's sum of squares left the range, a
-  rescue under ``lax.cond`` reads again, each leaf scaled by the candidate
-  its own plain sum calls for."""
-  fast = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
+  rescue under ``lax.cond`` reads the same batches again, each leaf scaled
+  by the candidate its own plain sum calls for."""
+  read = _read(floats, plan.batches, plan.acc)
+  fast = _sums(read, plan, None, l1=l1, linf=linf)
   plain = _per_scope(fast, plan, scaled=False)
   ok = jnp.all(_trusted(plain.sumsq.m, plan.acc) | (plan.n == 0))
 
-  def rescue(floats):
+  def rescue(arrays):
     e = _candidate_scales(plan.acc)[_candidate(fast.sumsq, plan.acc)]
-    sums = _sums(_read(floats, plan.groups, plan.acc), plan, e, l1=l1, linf=False)
+    sums = _sums(_Read(arrays, read.batches), plan, e, l1=l1, linf=False)
     sums = sums._replace(amax=fast.amax)
     return sums, _per_scope(sums, plan, scaled=True)
 
-  return lax.cond(ok, lambda _: (fast, plain), rescue, list(floats))
+  return lax.cond(ok, lambda _: (fast, plain), rescue, read.arrays)
 
 
 def _strategy() -> str:
@@ -646,11 +644,10 @@ def _about(d: jax.Array, anchor: jax.Array, plan: Plan) -> tuple[jax.Array, jax.
   return mean, jnp.where(has, jnp.maximum(d[1] - jnp.square(d[0]) / n, 0), 0)
 
 
-def _exact_moments(floats, plan: Plan) -> Moments:
+def _exact_moments(read: _Read, plan: Plan) -> Moments:
   """Three reads. The extremes give an exact power-of-two scale per scope
   and find constant scopes; the mean and the sum of squares are then summed
   in range, and the centred sum of squares taken about that mean."""
-  read = _read(floats, plan.groups, plan.acc)
 
   def extremes(y, members):
     axes = tuple(range(1, y.ndim))
@@ -678,16 +675,18 @@ def moment_sums(floats: Sequence[jax.Array], plan: Plan) -> Moments:
   reads once, summing ``x`` and ``x**2``; a scope whose one-pass variance
   cancels (a mean that dwarfs the spread, or a constant scope), or whose
   sums left the range, is read again under ``lax.cond``."""
-  d = _plain_moments(_read(floats, plan.batches, plan.acc), plan)
+  read = _read(floats, plan.batches, plan.acc)
+  d = _plain_moments(read, plan)
   mean, m2 = _about(d, jnp.zeros((), plan.acc), plan)
   none = jnp.zeros(mean.shape, bool)
   fast = Moments(mean, m2, d[1], jnp.zeros(mean.shape, jnp.int32), None, none)
   ok = (plan.n == 0) | (
     _trusted(d[1], plan.acc) & jnp.isfinite(d[0]) & (m2 >= _CANCELLATION * d[1])
   )
-  # n is static: it stays out of the branches' outputs.
-  rescue = lambda floats: _exact_moments(floats, plan)  # noqa: E731
-  out = lax.cond(jnp.all(ok), lambda _: fast, rescue, list(floats))
+  # n is static: it stays out of the branches' outputs. The rescue reads
+  # the same batches as the common read: no second set of stacked copies.
+  rescue = lambda arrays: _exact_moments(_Read(arrays, read.batches), plan)  # noqa: E731
+  out = lax.cond(jnp.all(ok), lambda _: fast, rescue, read.arrays)
   return out._replace(n=plan.n)
 
 
@@ -949,8 +948,8 @@ def rescale(floats: Sequence[jax.Array], scope: Scope, f: Factors) -> list[jax.A
   back; a leaf its factors leave alone is returned bitwise unchanged
   (subnormal elements included, which any multiply would flush on a CPU).
 
-  Written in ``lax``: at thousands of leaves, each operation per leaf counts
-  in tracing and compile time.
+  Written in ``lax``, three primitives per leaf: at thousands of leaves, each
+  operation per leaf counts in tracing and compile time.
   """
   acc = acc_dtype(floats)
   per_scope: dict[int, tuple[jax.Array, ...]] = {}
@@ -961,8 +960,8 @@ def rescale(floats: Sequence[jax.Array], scope: Scope, f: Factors) -> list[jax.A
       per_scope[s] = (f.s1[s], f.s2[s], f.s1[s] == 1)
     s1, s2, keep = per_scope[s]
     y = x if x.dtype == acc else lax.convert_element_type(x, acc)
-    # a scalar predicate: select keeps each operand's sharding
-    z = lax.select_n(keep, y * s1 * s2, y)
+    # scalar factors and predicate: each keeps the leaf's own sharding
+    z = lax.select_n(keep, lax.mul(lax.mul(y, s1), s2), y)
     out.append(z if z.dtype == x.dtype else lax.convert_element_type(z, x.dtype))
   return out
 
