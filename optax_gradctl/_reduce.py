@@ -326,10 +326,11 @@ def _allreduce(
 # The plan: static facts about the leaves, and how they are read
 
 
-# Leaves of at most this many elements are reduced stacked with the other
-# leaves of their shape and dtype: one kernel for the group instead of one
-# per leaf. At this size the copy costs less than a kernel launch. A rescue
-# reads the same stacked batches: it compiles no second set of copies.
+# In the common read, leaves of at most this many elements are reduced
+# stacked with the other leaves of their shape and dtype: one kernel for the
+# group instead of one per leaf. At this size the copy costs less than a
+# kernel launch. A rescue reads those stacked batches again, and stacks the
+# larger leaves too: it is rarely run, and fewer kernels compile faster.
 STACK_LIMIT = 4096
 # At most this many leaves go into one stacked kernel. XLA's CPU compiler
 # takes time quadratic in the operands of one fused concatenation (94 s for
@@ -346,22 +347,23 @@ class Plan(NamedTuple):
   n: np.ndarray  # int64 [S]: elements per scope, over every device
   weights: np.ndarray | None  # [L]: 1 / copies of each leaf among the devices
   axes: Axes | None
-  batches: tuple[tuple[int, ...], ...]  # leaves read together
+  batches: tuple[tuple[int, ...], ...]  # leaves read together in the common read
+  groups: tuple[tuple[int, ...], ...]  # leaves read together in a rescue
 
   @property
   def num_scopes(self) -> int:
     return len(self.n)
 
 
-def _batched(floats: Sequence[jax.Array]) -> tuple[tuple[int, ...], ...]:
+def _batched(floats: Sequence[jax.Array], limit: float) -> tuple[tuple[int, ...], ...]:
   """Leaf indices in batches: up to STACK_GROUP leaves of one shape and dtype
-  of at most STACK_LIMIT elements together, larger leaves alone."""
+  of at most ``limit`` elements together, larger leaves alone."""
   same: dict[tuple, list[int]] = {}
   for i, x in enumerate(floats):
     same.setdefault((x.shape, x.dtype), []).append(i)
   out: list[tuple[int, ...]] = []
   for idx in same.values():
-    if floats[idx[0]].size <= STACK_LIMIT:
+    if floats[idx[0]].size <= limit:
       out += [tuple(idx[k : k + STACK_GROUP]) for k in range(0, len(idx), STACK_GROUP)]
     else:
       out += [(i,) for i in idx]
@@ -383,7 +385,8 @@ def make_plan(floats: Sequence[jax.Array], scope: Scope, axes: Axes | None = Non
     n,
     _weights(axes),
     axes,
-    _batched(floats),
+    _batched(floats, STACK_LIMIT),
+    _batched(floats, np.inf),
   )
 
 
@@ -400,6 +403,26 @@ def _read(floats: Sequence[jax.Array], batches, acc: np.dtype) -> _Read:
     for b in batches
   ]
   return _Read(arrays, batches)
+
+
+def _rescue_read(
+  read: _Read, floats: Sequence[jax.Array], plan: Plan
+) -> tuple[list[Any], Callable[[list[Any]], _Read]]:
+  """The operands of a rescue under ``lax.cond``, and the function that
+  reads them inside it. Per group of ``plan.groups``: the common read's
+  stacked batch where it has one (no second copy to compile), else the
+  group's leaves, stacked inside the rescue."""
+  common = dict(zip(read.batches, read.arrays, strict=True))
+  operands = [common[g] if g in common else [floats[i] for i in g] for g in plan.groups]
+
+  def reread(ops: list[Any]) -> _Read:
+    arrays = [
+      o if g in common else jnp.stack(o).astype(plan.acc)
+      for o, g in zip(ops, plan.groups, strict=True)
+    ]
+    return _Read(arrays, plan.groups)
+
+  return operands, reread
 
 
 def _column(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
@@ -559,20 +582,22 @@ def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, S
 
 def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
   """The plain sums; where a scope's sum of squares left the range, a
-  rescue under ``lax.cond`` reads the same batches again, each leaf scaled
-  by the candidate its own plain sum calls for."""
+  rescue under ``lax.cond`` reads again, each leaf scaled by the candidate
+  its own plain sum calls for."""
   read = _read(floats, plan.batches, plan.acc)
   fast = _sums(read, plan, None, l1=l1, linf=linf)
   plain = _per_scope(fast, plan, scaled=False)
   ok = jnp.all(_trusted(plain.sumsq.m, plan.acc) | (plan.n == 0))
 
-  def rescue(arrays):
+  operands, reread = _rescue_read(read, floats, plan)
+
+  def rescue(ops):
     e = _candidate_scales(plan.acc)[_candidate(fast.sumsq, plan.acc)]
-    sums = _sums(_Read(arrays, read.batches), plan, e, l1=l1, linf=False)
+    sums = _sums(reread(ops), plan, e, l1=l1, linf=False)
     sums = sums._replace(amax=fast.amax)
     return sums, _per_scope(sums, plan, scaled=True)
 
-  return lax.cond(ok, lambda _: (fast, plain), rescue, read.arrays)
+  return lax.cond(ok, lambda _: (fast, plain), rescue, operands)
 
 
 def _strategy() -> str:
@@ -683,10 +708,10 @@ def moment_sums(floats: Sequence[jax.Array], plan: Plan) -> Moments:
   ok = (plan.n == 0) | (
     _trusted(d[1], plan.acc) & jnp.isfinite(d[0]) & (m2 >= _CANCELLATION * d[1])
   )
-  # n is static: it stays out of the branches' outputs. The rescue reads
-  # the same batches as the common read: no second set of stacked copies.
-  rescue = lambda arrays: _exact_moments(_Read(arrays, read.batches), plan)  # noqa: E731
-  out = lax.cond(jnp.all(ok), lambda _: fast, rescue, read.arrays)
+  # n is static: it stays out of the branches' outputs.
+  operands, reread = _rescue_read(read, floats, plan)
+  rescue = lambda ops: _exact_moments(reread(ops), plan)  # noqa: E731
+  out = lax.cond(jnp.all(ok), lambda _: fast, rescue, operands)
   return out._replace(n=plan.n)
 
 

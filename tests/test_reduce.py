@@ -194,6 +194,37 @@ def test_many_small_leaves_of_every_magnitude(strategy, scope, monkeypatch):
     np.testing.assert_allclose(ref.f64(got), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scope", _reduce.SCOPES)
+def test_rescue_rereads_stacked_batches_and_stacks_larger_leaves(scope, monkeypatch):
+  """A rescue reads the common read's stacked batches of small leaves again,
+  and stacks the larger leaves that the common read reads one by one."""
+  monkeypatch.setattr(_reduce, "RESCALING", "branch")
+  monkeypatch.setattr(_reduce, "STACK_LIMIT", 5)  # leaves of 7 elements are "larger"
+  monkeypatch.setattr(_reduce, "STACK_GROUP", 4)
+  rng = np.random.default_rng(1)
+  shapes = [(7,) if i % 2 else (3,) for i in range(19)]
+  leaves = [
+    (rng.standard_normal(s) * 10.0 ** rng.uniform(-30, 30)).astype(np.float32) for s in shapes
+  ]
+  tree = [jnp.asarray(x) for x in leaves]
+  plan = _reduce.make_plan(tree, scope)
+  larger = tuple(i for i, s in enumerate(shapes) if s == (7,))
+  assert {b for b in plan.batches if b[0] in larger} == {(i,) for i in larger}
+  assert [g for g in plan.groups if g[0] in larger] == [larger[k : k + 4] for k in (0, 4, 8)]
+  assert [g for g in plan.groups if g[0] not in larger] == [
+    b for b in plan.batches if b[0] not in larger
+  ]
+  want64 = [ref.f64(x) for x in leaves]
+  tiny = np.finfo(np.float32).tiny
+  for ord in _reduce.NORMS:
+    out, _ = jax.jit(gc.clip_by_norm(1.0, norm=ord, scope=scope).update)(tree, None)
+    for got, want in zip(out, ref.clip_by_norm(want64, 1.0, ord, scope), strict=True):
+      np.testing.assert_allclose(ref.f64(got), want, rtol=2e-5, atol=tiny)
+  out, _ = jax.jit(gc.zscore(scope=scope).update)(tree, None)
+  for got, want in zip(out, ref.zscore(want64, scope), strict=True):
+    np.testing.assert_allclose(ref.f64(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_pow2_helpers_are_exact():
   k = jnp.arange(-126, 128)
   np.testing.assert_array_equal(
