@@ -182,16 +182,18 @@ def fmt_time(seconds: float) -> str:
 
 
 def run_script(name: str, doc: str, run, report, argv: list[str] | None) -> None:
-  """The command line of a benchmark with only ``--quick``: pins one core,
-  runs, and writes results/<name>.md and .json with the command that made them."""
+  """The command line of a benchmark with ``--quick`` and ``--name``: pins one
+  core, runs, and writes results/<name>.md and .json with the command that
+  made them."""
   import argparse
   import sys
 
   p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+  p.add_argument("--name", default=name, help=f"results file name (default {name})")
   args = p.parse_args(argv)
   pinned = pin_to_one_core()
   data = run(args.quick)
   data["pinning"] = pinned
   flags = " ".join(argv if argv is not None else sys.argv[1:])
-  write_results(name, report(data), data, f"python -m benchmarks.{name} {flags}".strip())
+  write_results(args.name, report(data), data, f"python -m benchmarks.{name} {flags}".strip())

@@ -6,9 +6,12 @@ in the compiled program. A point that takes longer than the timeout is
 reported as "> timeout". Next to each gradctl transform is its peer (optax,
 or the obvious jnp z-score) and, for the global-norm clip, the plain clip of
 ``benchmarks/train_step.py``: one sum of squares per leaf and one factor,
-the obvious way to write it. The floor is ``jax.tree.map(lambda a: a * 0.5, g)``:
-one output kernel per leaf, which any transform that returns a new gradient
-compiles.
+the obvious way to write it. Two more global-norm clips bound what a clip can
+compile to (:func:`stacked_clip`): the leaves read in stacked groups, as
+gradctl's common read, and then one multiply per leaf ("stacked read, one
+multiply"), or gradctl's exact output per leaf ("stacked read, exact
+output"). The floor is ``jax.tree.map(lambda a: a * 0.5, g)``: one output
+kernel per leaf, which any transform that returns a new gradient compiles.
 
 Run: ``python -m benchmarks.compile_time [--quick]``
 """
@@ -26,6 +29,8 @@ CASES = {
     "gradctl": "gc.clip_by_global_norm(1.0)",
     "optax": "optax.clip_by_global_norm(1.0)",
     "plain clip": "plain_clip(1.0)",
+    "stacked read, one multiply": "stacked_clip(1.0, exact=False)",
+    "stacked read, exact output": "stacked_clip(1.0, exact=True)",
   },
   "clip_by_value": {"gradctl": "gc.clip_by_value(1.0)", "optax": "optax.clip(1.0)"},
   "clip_by_value(stats=False)": {
@@ -41,6 +46,7 @@ import jax, jax.numpy as jnp, optax
 import optax_gradctl as gc
 from benchmarks.throughput import _jnp_zscore
 from benchmarks.train_step import plain_clip
+from benchmarks.compile_time import stacked_clip
 L = int(sys.argv[1]); expr = sys.argv[2]
 tree = [jax.ShapeDtypeStruct((1000,), jnp.float32) for _ in range(L)]
 if expr == "JNP_ZSCORE":
@@ -58,6 +64,43 @@ t2 = time.perf_counter()
 text = compiled.as_text()
 print(json.dumps({"trace_s": t1 - t0, "compile_s": t2 - t1, "fusions": text.count("fusion("), "hlo_lines": text.count("\n")}))
 """
+
+
+def stacked_clip(max_norm: float, exact: bool):
+  """A global-norm clip cut down to what any such clip compiles: each
+  shape's leaves read in stacked groups of ``STACK_GROUP``, one reduction
+  kernel per group as in gradctl's common read, then one output kernel per
+  leaf. That kernel is ``x * scale`` alone, or, with ``exact``, gradctl's:
+  the leaf itself where nothing is rescaled (subnormals included), else
+  ``x`` times two factors. No rescue and no statistics, so not exact over
+  the whole float range: a bound on compile time, not a clip to use."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax import lax
+
+  from optax_gradctl._reduce import STACK_GROUP
+
+  def update(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    same: dict[tuple, list] = {}
+    for x in leaves:
+      same.setdefault(x.shape, []).append(x)
+    groups = [g[k : k + STACK_GROUP] for g in same.values() for k in range(0, len(g), STACK_GROUP)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(jnp.stack(g))) for g in groups))
+    # Factors out of a divide and a square root, which XLA computes once
+    # rather than copying them into every output kernel, as gradctl's are.
+    scale = max_norm / jnp.maximum(norm, max_norm)
+    if exact:
+      s1 = s2 = jnp.sqrt(scale)
+      keep = s1 == 1
+      out = [lax.select_n(keep, lax.mul(lax.mul(x, s1), s2), x) for x in leaves]
+    else:
+      out = [lax.mul(x, scale) for x in leaves]
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def measure(leaves: int, expr: str, timeout: float) -> dict:

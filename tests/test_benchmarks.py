@@ -54,4 +54,27 @@ def test_quick_pass_writes_its_table(name, tmp_path):
   if name == "compile_time":
     assert all(r["gradctl"]["compile_s"] > 0 for r in data["rows"])
     assert all(r["floor"]["compile_s"] > 0 for r in data["rows"])
-    assert all(r["plain clip"]["compile_s"] > 0 for r in data["rows"])  # quick: only the clip
+    for bound in ("plain clip", "stacked read, one multiply", "stacked read, exact output"):
+      assert all(r[bound]["compile_s"] > 0 for r in data["rows"])  # quick: only the clip
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_compile_time_bounds_clip_as_optax_does(exact):
+  """The clips that bound compile time are global-norm clips (over the
+  ordinary range), so that what they compile is what a clip must."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from benchmarks.compile_time import stacked_clip
+
+  rng = np.random.default_rng(0)
+  shapes = [(3, 4)] * 5 + [(7,), (2, 2, 2)] * 3
+  tree = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+  for max_norm in (0.5, 100.0):
+    tx, peer = stacked_clip(max_norm, exact=exact), optax.clip_by_global_norm(max_norm)
+    got, _ = jax.jit(tx.update)(tree, tx.init(tree))
+    want, _ = peer.update(tree, peer.init(tree))
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
