@@ -150,6 +150,20 @@ def bandwidth(n: int = 50_000_000, budget: float = 2.0) -> dict[str, float]:
   }
 
 
+def clip_output(leaves: list, scale, exact: bool) -> list:
+  """The output of a global-norm clip with factor ``scale``: ``x * scale``
+  per leaf, or, with ``exact``, gradctl's form: the leaf itself where nothing
+  is rescaled (subnormals included), else ``x`` times two factors (which
+  reach norms beyond the float range)."""
+  import jax.numpy as jnp
+  from jax import lax
+
+  if not exact:
+    return [lax.mul(x, scale.astype(x.dtype)) for x in leaves]
+  s = jnp.sqrt(scale)
+  return [lax.select_n(s == 1, lax.mul(lax.mul(x, s), s), x) for x in leaves]
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -181,19 +195,25 @@ def fmt_time(seconds: float) -> str:
   return f"{seconds:.2f} s"
 
 
-def run_script(name: str, doc: str, run, report, argv: list[str] | None) -> None:
-  """The command line of a benchmark with ``--quick`` and ``--name``: pins one
-  core, runs, and writes results/<name>.md and .json with the command that
-  made them."""
+def run_script(
+  name: str, doc: str, run, report, argv: list[str] | None, options: tuple = ()
+) -> None:
+  """The command line of a benchmark with ``--quick``, ``--name`` and the
+  script's own ``options`` (``(flag, add_argument keywords)`` pairs, passed
+  to ``run`` by name): pins one core, runs, and writes results/<name>.md and
+  .json with the command that made them."""
   import argparse
   import sys
 
   p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
   p.add_argument("--name", default=name, help=f"results file name (default {name})")
+  for flag, kwargs in options:
+    p.add_argument(flag, **kwargs)
   args = p.parse_args(argv)
   pinned = pin_to_one_core()
-  data = run(args.quick)
+  extra = {flag.lstrip("-").replace("-", "_") for flag, _ in options}
+  data = run(args.quick, **{k: getattr(args, k) for k in extra})
   data["pinning"] = pinned
   flags = " ".join(argv if argv is not None else sys.argv[1:])
   write_results(args.name, report(data), data, f"python -m benchmarks.{name} {flags}".strip())

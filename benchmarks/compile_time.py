@@ -77,7 +77,6 @@ def stacked_clip(max_norm: float, exact: bool):
   import jax
   import jax.numpy as jnp
   import optax
-  from jax import lax
 
   from optax_gradctl._reduce import STACK_GROUP
 
@@ -92,13 +91,7 @@ def stacked_clip(max_norm: float, exact: bool):
     # Factors out of a divide and a square root, which XLA computes once
     # rather than copying them into every output kernel, as gradctl's are.
     scale = max_norm / jnp.maximum(norm, max_norm)
-    if exact:
-      s1 = s2 = jnp.sqrt(scale)
-      keep = s1 == 1
-      out = [lax.select_n(keep, lax.mul(lax.mul(x, s1), s2), x) for x in leaves]
-    else:
-      out = [lax.mul(x, scale) for x in leaves]
-    return jax.tree.unflatten(treedef, out), state
+    return jax.tree.unflatten(treedef, common.clip_output(leaves, scale, exact)), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

@@ -13,13 +13,19 @@ Each is timed with Adam alone and with each control chained in front,
 interleaved round by round in one run; the overhead is the extra time over
 Adam alone. Next to optax's built-ins is the *plain clip*: one sum of squares
 per leaf and one scalar factor multiplied in, the least any global-norm clip
-can do, written here.
+can do, written here; and the same clip with gradctl's exact output (the
+leaf itself where nothing is rescaled, else two factors), which shows what
+that output form costs on its own.
 
 For each step it also counts the kernels of the compiled program (fusions
 and custom calls, conditional branches included) and, lowered for a GPU
 (which works on any machine), the reductions that read gradient data.
 
-Run: ``python -m benchmarks.train_step [--quick]``
+The ratio to the plain clip moves by 10-20% from one compiled program to the
+next on a CPU (buffers land differently), so on a CPU every step is compiled
+and timed three times, and the table gives the median and the range.
+
+Run: ``python -m benchmarks.train_step [--quick] [--repeats R]``
 """
 
 from __future__ import annotations
@@ -31,18 +37,23 @@ import numpy as np
 from benchmarks import common
 
 
-def plain_clip(max_norm: float):
-  """The naive global-norm clip: one sum of squares per leaf, one factor."""
+def plain_clip(max_norm: float, exact_output: bool = False):
+  """The naive global-norm clip: one sum of squares per leaf, one factor.
+
+  With ``exact_output``, the same sums with gradctl's output form instead of
+  the one multiply (see :func:`common.clip_output`): what that form costs in
+  a step, apart from everything else gradctl does."""
   import jax
   import jax.numpy as jnp
   import optax
 
   def update(updates, state, params=None):
     del params
-    leaves = jax.tree.leaves(updates)
+    leaves, treedef = jax.tree.flatten(updates)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
     scale = jnp.where(norm > max_norm, max_norm / norm, 1.0)
-    return jax.tree.map(lambda x: (x * scale).astype(x.dtype), updates), state
+    out = common.clip_output(leaves, scale, exact_output)
+    return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -65,6 +76,7 @@ def controls(quick: bool = False) -> dict:
   every = {
     "adam alone": None,
     "plain clip": plain_clip(1.0),
+    "plain clip, exact output": plain_clip(1.0, exact_output=True),
     "optax.clip_by_global_norm": optax.clip_by_global_norm(1.0),
     "gc.clip_by_global_norm": gc.clip_by_global_norm(1.0),
     # per-layer norms next to the clip: the same reads, shared
@@ -191,66 +203,104 @@ def sizes(quick: bool, gpu: bool) -> dict:
   return {"optimizer": (10_000_000, 100), "mlp": (50, 448, 16)}
 
 
-def run(quick: bool) -> dict:
+def _one_run(make, quick: bool) -> tuple[dict, dict]:
+  """Each control's step compiled afresh (new buffers), timed interleaved:
+  the median times, and each step's kernel counts."""
+  calls, info = {}, {}
+  for name, ctrl in controls(quick).items():
+    calls[name], info[name] = make(ctrl)
+  budget = 0.3 if quick else 4.0
+  times = common.interleaved_times(calls, budget=budget * len(calls), min_rounds=3 if quick else 7)
+  return times, info
+
+
+def _over_plain(overhead: float, plain: float) -> float | None:
+  """An overhead as a multiple of the plain clip's (None where that is not
+  positive)."""
+  return overhead / plain if plain > 0 else None
+
+
+def _summary(runs: list[dict]) -> dict:
+  """Per control, over the runs: the median time, the median overhead over
+  Adam alone, and the overhead over the plain clip's in each run."""
+  out = {}
+  for name in runs[0]:
+    pct = [100 * (t[name] / t["adam alone"] - 1) for t in runs]
+    plain = [100 * (t["plain clip"] / t["adam alone"] - 1) for t in runs]
+    out[name] = {
+      "seconds": float(np.median([t[name] for t in runs])),
+      "overhead_pct": float(np.median(pct)),
+      "x_plain": [_over_plain(o, p) for o, p in zip(pct, plain, strict=True)],
+    }
+  return out
+
+
+def run(quick: bool, repeats: int | None = None) -> dict:
   import jax
 
   gpu = jax.devices()[0].platform != "cpu"
   cfg = sizes(quick, gpu)
-  budget = 0.3 if quick else 4.0
-  out = {"config": cfg}
+  repeats = repeats or (1 if quick or gpu else 3)
+  out = {"config": cfg, "repeats": repeats}
   for kind, make in (
     ("optimizer", optimizer_step(*cfg["optimizer"])),
     ("mlp", mlp_step(*cfg["mlp"])),
   ):
-    calls, info = {}, {}
-    for name, ctrl in controls(quick).items():
-      calls[name], info[name] = make(ctrl)
-    times = common.interleaved_times(
-      calls, budget=budget * len(calls), min_rounds=3 if quick else 7
-    )
-    base = times["adam alone"]
-    out[kind] = {
-      name: {"seconds": t, "overhead_pct": 100 * (t / base - 1), **info[name]}
-      for name, t in times.items()
-    }
-    print(kind, {k: f"{v['overhead_pct']:+.1f}%" for k, v in out[kind].items()}, flush=True)
+    runs = []
+    for _ in range(repeats):
+      times, info = _one_run(make, quick)
+      runs.append(times)
+      pct = {k: f"{100 * (t / times['adam alone'] - 1):+.1f}%" for k, t in times.items()}
+      print(kind, pct, flush=True)
+    out[kind] = {name: {**row, **info[name]} for name, row in _summary(runs).items()}
   return out
 
 
-def _ratio(name: str, row: dict, plain: dict) -> str:
-  """The overhead as a multiple of the plain clip's."""
-  if name in ("adam alone", "plain clip") or plain["overhead_pct"] <= 0:
+def _ratio(name: str, row: dict) -> str:
+  """The overhead as a multiple of the plain clip's: the median over the
+  runs, and their range where there are several."""
+  ratios = [r for r in row.get("x_plain", []) if r is not None]
+  if name in ("adam alone", "plain clip") or not ratios:
     return "-"
-  return f"{row['overhead_pct'] / plain['overhead_pct']:.2f}×"
+  text = f"{np.median(ratios):.2f}×"
+  if len(ratios) > 1:
+    text += f" ({min(ratios):.2f} to {max(ratios):.2f})"
+  return text
 
 
 def report(data: dict) -> str:
   cfg = data["config"]
   n, leaves = cfg["optimizer"]
   layers, width, batch = cfg["mlp"]
+  repeats = data.get("repeats", 1)
+  runs = (
+    f" Each step compiled and timed {repeats} times (runs); times and overheads are"
+    " medians over the runs, x plain the median and range of the runs' ratios."
+    if repeats > 1
+    else ""
+  )
   head = (
     f"Optimizer step: Adam update + apply_updates over N={n:.0e} in L={leaves} leaves."
     f" MLP step: {layers} tanh layers of {width}x{width}, batch {batch}, forward + backward +"
-    " update. Parameters and optimizer state donated; overhead over Adam alone, timed"
-    " interleaved in one run; x plain: overhead over the plain clip's. Kernels: fusions and"
-    " custom calls of the compiled step; GPU reductions: reductions over gradient data in the"
-    " step lowered for CUDA.\n\n"
+    " update. Parameters and optimizer state donated; overhead over Adam alone, each"
+    " control's step timed interleaved with the others; x plain: overhead over the plain"
+    f" clip's in the same run.{runs} Kernels: fusions and custom calls of the compiled step;"
+    " GPU reductions: reductions over gradient data in the step lowered for CUDA.\n\n"
   )
   rows = []
   for name in data["optimizer"]:
     o, m = data["optimizer"][name], data["mlp"][name]
-    po, pm = data["optimizer"]["plain clip"], data["mlp"]["plain clip"]
     rows.append(
       [
         name,
         common.fmt_time(o["seconds"]),
         f"{o['overhead_pct']:+.1f}%",
-        _ratio(name, o, po),
+        _ratio(name, o),
         o["kernels"],
         "-" if o["gpu_reductions"] is None else o["gpu_reductions"],
         common.fmt_time(m["seconds"]),
         f"{m['overhead_pct']:+.1f}%",
-        _ratio(name, m, pm),
+        _ratio(name, m),
         m["kernels"],
       ]
     )
@@ -270,7 +320,15 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  common.run_script("train_step", __doc__, run, report, argv)
+  repeats = (
+    "--repeats",
+    {
+      "type": int,
+      "default": None,
+      "help": "runs, each compiled afresh (default 3 on a CPU, else 1)",
+    },
+  )
+  common.run_script("train_step", __doc__, run, report, argv, options=(repeats,))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_quick_pass_writes_its_table(name, tmp_path):
       rows = data[kind]
       assert {"adam alone", "plain clip", "gc.clip_by_global_norm"} <= set(rows)
       assert all(r["seconds"] > 0 and r["kernels"] > 0 for r in rows.values())
+      assert all(len(r["x_plain"]) == data["repeats"] for r in rows.values())
   if name == "compile_time":
     assert all(r["gradctl"]["compile_s"] > 0 for r in data["rows"])
     assert all(r["floor"]["compile_s"] > 0 for r in data["rows"])
