@@ -10,10 +10,15 @@ the obvious way to write it. Two more global-norm clips bound what a clip can
 compile to (:func:`stacked_clip`): the leaves read in stacked groups, as
 gradctl's common read, and then one multiply per leaf ("stacked read, one
 multiply"), or gradctl's exact output per leaf ("stacked read, exact
-output"). The floor is ``jax.tree.map(lambda a: a * 0.5, g)``: one output
-kernel per leaf, which any transform that returns a new gradient compiles.
+output"). "exact output alone" (:func:`exact_output`) is that output with
+nothing before it: no read and no norm, only a factor XLA cannot fold. The
+floor is ``jax.tree.map(lambda a: a * 0.5, g)``: one output kernel per leaf,
+which any transform that returns a new gradient compiles.
 
-Run: ``python -m benchmarks.compile_time [--quick]``
+On a shared machine one point's time moved by up to 40% from one run to the
+next, so each point is the median of three runs (``--repeats``).
+
+Run: ``python -m benchmarks.compile_time [--quick] [--repeats R]``
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ CASES = {
     "plain clip": "plain_clip(1.0)",
     "stacked read, one multiply": "stacked_clip(1.0, exact=False)",
     "stacked read, exact output": "stacked_clip(1.0, exact=True)",
+    "exact output alone": "exact_output(0.5)",
   },
   "clip_by_value": {"gradctl": "gc.clip_by_value(1.0)", "optax": "optax.clip(1.0)"},
   "clip_by_value(stats=False)": {
@@ -46,7 +52,7 @@ import jax, jax.numpy as jnp, optax
 import optax_gradctl as gc
 from benchmarks.throughput import _jnp_zscore
 from benchmarks.train_step import plain_clip
-from benchmarks.compile_time import stacked_clip
+from benchmarks.compile_time import stacked_clip, exact_output
 L = int(sys.argv[1]); expr = sys.argv[2]
 tree = [jax.ShapeDtypeStruct((1000,), jnp.float32) for _ in range(L)]
 if expr == "JNP_ZSCORE":
@@ -96,7 +102,40 @@ def stacked_clip(max_norm: float, exact: bool):
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def measure(leaves: int, expr: str, timeout: float) -> dict:
+def exact_output(scale: float):
+  """gradctl's exact output per leaf (:func:`common.clip_output`) with the
+  factor ``scale``, held behind a barrier so that XLA cannot fold it: what
+  that output compiles to alone, with nothing read or reduced before it. A
+  bound on compile time, not a transform to use."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax import lax
+
+  def update(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    factor = lax.optimization_barrier(jnp.float32(scale))
+    return jax.tree.unflatten(treedef, common.clip_output(leaves, factor, exact=True)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def measure(leaves: int, expr: str, timeout: float, repeats: int = 1) -> dict:
+  """The run with the median trace plus compile time of ``repeats`` runs,
+  each in a fresh process, with every run's time in ``runs_s``; a run past
+  the timeout ends the point there."""
+  runs = []
+  for _ in range(repeats):
+    point = _measure_once(leaves, expr, timeout)
+    if "timeout" in point:
+      return point
+    runs.append(point)
+  runs.sort(key=_seconds)
+  return {**runs[(len(runs) - 1) // 2], "runs_s": [_seconds(p) for p in runs]}
+
+
+def _measure_once(leaves: int, expr: str, timeout: float) -> dict:
   try:
     proc = subprocess.run(
       [sys.executable, "-c", _CHILD, str(leaves), expr],
@@ -117,10 +156,11 @@ def fmt(point: dict) -> str:
   return f"{point['trace_s'] + point['compile_s']:.2f} s ({point['fusions']} kernels)"
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, repeats: int | None = None) -> dict:
   leaf_counts = (10,) if quick else (1, 10, 100, 1000, 5000)
   timeout = 60.0 if quick else 120.0
-  floors = {leaves: measure(leaves, "FLOOR", timeout) for leaves in leaf_counts}
+  repeats = repeats or (1 if quick else 3)
+  floors = {leaves: measure(leaves, "FLOOR", timeout, repeats) for leaves in leaf_counts}
   rows = []
   for transform, versions in CASES.items():
     if quick and transform != "clip_by_global_norm":
@@ -128,12 +168,12 @@ def run(quick: bool) -> dict:
     for leaves in leaf_counts:
       row = {"transform": transform, "L": leaves, "floor": floors[leaves]}
       for name, expr in versions.items():
-        row[name] = measure(leaves, expr, timeout)
+        row[name] = measure(leaves, expr, timeout, repeats)
       rows.append(row)
       print(
         transform, leaves, {k: fmt(v) for k, v in row.items() if isinstance(v, dict)}, flush=True
       )
-  return {"rows": rows, "timeout_s": timeout}
+  return {"rows": rows, "timeout_s": timeout, "repeats": repeats}
 
 
 def _seconds(point: dict) -> float | None:
@@ -149,7 +189,9 @@ def report(data: dict) -> str:
   text = (
     "Trace plus compile time of `jax.jit(tx.update)` over L float32 leaves of 1000 elements,"
     " each in a fresh process; kernels = fusions in the compiled program. Floor:"
-    " `jax.tree.map(lambda a: a * 0.5, g)`.\n\n"
+    " `jax.tree.map(lambda a: a * 0.5, g)`."
+    f" Each time is the median of {data.get('repeats', 1)} runs (ratios: of the medians);"
+    " a point past the timeout is run once.\n\n"
   )
   rows = []
   for r in data["rows"]:
@@ -170,7 +212,11 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  common.run_script("compile_time", __doc__, run, report, argv)
+  repeats = (
+    "--repeats",
+    {"type": int, "default": None, "help": "runs per point (default 3, --quick 1)"},
+  )
+  common.run_script("compile_time", __doc__, run, report, argv, options=(repeats,))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def test_quick_pass_writes_its_table(name, tmp_path):
   if name == "compile_time":
     assert all(r["gradctl"]["compile_s"] > 0 for r in data["rows"])
     assert all(r["floor"]["compile_s"] > 0 for r in data["rows"])
-    for bound in ("plain clip", "stacked read, one multiply", "stacked read, exact output"):
+    assert all(len(r["gradctl"]["runs_s"]) == data["repeats"] for r in data["rows"])
+    bounds = ("plain clip", "stacked read, one multiply", "stacked read, exact output")
+    for bound in (*bounds, "exact output alone"):
       assert all(r[bound]["compile_s"] > 0 for r in data["rows"])  # quick: only the clip
 
 
@@ -79,3 +81,20 @@ def test_compile_time_bounds_clip_as_optax_does(exact):
     want, _ = peer.update(tree, peer.init(tree))
     for g, w in zip(got, want, strict=True):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+
+
+def test_compile_time_exact_output_bound_scales_every_leaf():
+  """The output-alone bound multiplies each leaf by its factor, within a
+  rounding of each of the two factors."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks.compile_time import exact_output
+
+  rng = np.random.default_rng(1)
+  tree = {"a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "b": jnp.ones((5,))}
+  tx = exact_output(0.25)
+  got, _ = jax.jit(tx.update)(tree, tx.init(tree))
+  for k in tree:
+    np.testing.assert_allclose(np.asarray(got[k]), 0.25 * np.asarray(tree[k]), rtol=3e-7)
