@@ -15,8 +15,9 @@ nothing before it: no read and no norm, only a factor XLA cannot fold. The
 floor is ``jax.tree.map(lambda a: a * 0.5, g)``: one output kernel per leaf,
 which any transform that returns a new gradient compiles.
 
-On a shared machine one point's time moved by up to 40% from one run to the
-next, so each point is the median of three runs (``--repeats``).
+On a shared machine a point's slowest run took up to 1.6 times its fastest
+(``runs_s`` in the results), so each point is the median of three runs
+(``--repeats``).
 
 Run: ``python -m benchmarks.compile_time [--quick] [--repeats R]``
 """
