@@ -164,6 +164,26 @@ def clip_output(leaves: list, scale, exact: bool) -> list:
   return [lax.select_n(s == 1, lax.mul(lax.mul(x, s), s), x) for x in leaves]
 
 
+def leafwise_transform(fn):
+  """A stateless ``optax.GradientTransformation`` that maps the list of the
+  gradient's leaves through ``fn``: the benchmarks' hand-written clips."""
+  import jax
+  import optax
+
+  def update(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    return jax.tree.unflatten(treedef, fn(leaves)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def repeats_option(default: str) -> tuple[str, dict[str, Any]]:
+  """The ``--repeats`` option of :func:`run_script`; ``default`` says what
+  the script does without it."""
+  return ("--repeats", {"type": int, "default": None, "help": f"runs ({default})"})
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

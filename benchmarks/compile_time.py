@@ -81,15 +81,11 @@ def stacked_clip(max_norm: float, exact: bool):
   the leaf itself where nothing is rescaled (subnormals included), else
   ``x`` times two factors. No rescue and no statistics, so not exact over
   the whole float range: a bound on compile time, not a clip to use."""
-  import jax
   import jax.numpy as jnp
-  import optax
 
   from optax_gradctl._reduce import STACK_GROUP
 
-  def update(updates, state, params=None):
-    del params
-    leaves, treedef = jax.tree.flatten(updates)
+  def clip(leaves):
     same: dict[tuple, list] = {}
     for x in leaves:
       same.setdefault(x.shape, []).append(x)
@@ -98,9 +94,9 @@ def stacked_clip(max_norm: float, exact: bool):
     # Factors out of a divide and a square root, which XLA computes once
     # rather than copying them into every output kernel, as gradctl's are.
     scale = max_norm / jnp.maximum(norm, max_norm)
-    return jax.tree.unflatten(treedef, common.clip_output(leaves, scale, exact)), state
+    return common.clip_output(leaves, scale, exact)
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return common.leafwise_transform(clip)
 
 
 def exact_output(scale: float):
@@ -108,18 +104,14 @@ def exact_output(scale: float):
   factor ``scale``, held behind a barrier so that XLA cannot fold it: what
   that output compiles to alone, with nothing read or reduced before it. A
   bound on compile time, not a transform to use."""
-  import jax
   import jax.numpy as jnp
-  import optax
   from jax import lax
 
-  def update(updates, state, params=None):
-    del params
-    leaves, treedef = jax.tree.flatten(updates)
+  def output(leaves):
     factor = lax.optimization_barrier(jnp.float32(scale))
-    return jax.tree.unflatten(treedef, common.clip_output(leaves, factor, exact=True)), state
+    return common.clip_output(leaves, factor, exact=True)
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return common.leafwise_transform(output)
 
 
 def measure(leaves: int, expr: str, timeout: float, repeats: int = 1) -> dict:
@@ -213,10 +205,7 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  repeats = (
-    "--repeats",
-    {"type": int, "default": None, "help": "runs per point (default 3, --quick 1)"},
-  )
+  repeats = common.repeats_option("per point; default 3, --quick 1")
   common.run_script("compile_time", __doc__, run, report, argv, options=(repeats,))
 
 

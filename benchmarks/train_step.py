@@ -43,19 +43,14 @@ def plain_clip(max_norm: float, exact_output: bool = False):
   With ``exact_output``, the same sums with gradctl's output form instead of
   the one multiply (see :func:`common.clip_output`): what that form costs in
   a step, apart from everything else gradctl does."""
-  import jax
   import jax.numpy as jnp
-  import optax
 
-  def update(updates, state, params=None):
-    del params
-    leaves, treedef = jax.tree.flatten(updates)
+  def clip(leaves):
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
     scale = jnp.where(norm > max_norm, max_norm / norm, 1.0)
-    out = common.clip_output(leaves, scale, exact_output)
-    return jax.tree.unflatten(treedef, out), state
+    return common.clip_output(leaves, scale, exact_output)
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return common.leafwise_transform(clip)
 
 
 # The smoke pass's controls: each kind of step, fewer programs to compile.
@@ -320,14 +315,7 @@ def report(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  repeats = (
-    "--repeats",
-    {
-      "type": int,
-      "default": None,
-      "help": "runs, each compiled afresh (default 3 on a CPU, else 1)",
-    },
-  )
+  repeats = common.repeats_option("each compiled afresh; default 3 on a CPU, else 1")
   common.run_script("train_step", __doc__, run, report, argv, options=(repeats,))
 
 
