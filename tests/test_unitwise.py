@@ -241,5 +241,5 @@ def _check_two_examples(batched, out, state, c, scope):
     np.testing.assert_allclose(float(state.clipped_fraction), np.mean(clipped))
   everything = examples[0] + examples[1]
   norm = ref.global_l2(everything)
-  want_norm = np.inf if norm > np.finfo(np.float32).max else norm
+  want_norm = np.inf if norm > float(np.finfo(np.float32).max) else norm
   np.testing.assert_allclose(float(state.norm), want_norm, rtol=2e-6, atol=2 * 1.2e-38)
