@@ -53,6 +53,17 @@ def plain_clip(max_norm: float, exact_output: bool = False):
   return common.leafwise_transform(clip)
 
 
+def recorded(norm_fn):
+  """A transform that records ``norm_fn`` of the gradient in its state and
+  returns the gradient unchanged: how a user logs a peer's norm."""
+  import jax.numpy as jnp
+  import optax
+
+  return optax.GradientTransformation(
+    lambda params: jnp.zeros(()), lambda updates, state, params=None: (updates, norm_fn(updates))
+  )
+
+
 # The smoke pass's controls: each kind of step, fewer programs to compile.
 QUICK = (
   "adam alone",
@@ -76,6 +87,9 @@ def controls(quick: bool = False) -> dict:
     "gc.clip_by_global_norm": gc.clip_by_global_norm(1.0),
     # per-layer norms next to the clip: the same reads, shared
     "gc.monitor + gc.clip_by_global_norm": optax.chain(gc.monitor(), gc.clip_by_global_norm(1.0)),
+    # norms recorded alone: a statistic the update does not wait for
+    "gc.monitor": gc.monitor(),
+    "optax.global_norm, recorded": recorded(optax.global_norm),
     "gc.clip_by_norm(scope=leaf)": gc.clip_by_norm(1.0, scope="leaf"),
     "gc.unit_rescale": gc.unit_rescale(),
     "optax.normalize_by_update_norm": optax.normalize_by_update_norm(scale_factor=1.0),

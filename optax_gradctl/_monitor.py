@@ -87,7 +87,8 @@ def monitor(
     del state, params
     floats, _ = _reduce.split_floats(updates)
     names = _group_names(updates, groups)
-    red = _reduce.reduce(floats, axes=_reduce.float_axes(axis_name, updates))
+    axes = _reduce.float_axes(axis_name, updates)
+    red = _reduce.reduce(floats, axes=axes)
     norms = _group_norms(red, names)
     return updates, MonitorState(red.norm, norms)
 
