@@ -48,7 +48,8 @@ def monitor(
   transform here uses, and, chained next to one (``optax.chain(gc.monitor(),
   gc.clip_by_global_norm(1.0), ...)``), from the very same reads: XLA
   computes the identical sums once, so watching the layers costs no extra
-  pass over the gradient.
+  pass over the gradient. Alone, it reads the gradient once, and the update
+  does not wait for that read.
 
   The global norm is exact over the whole float range. A group's norm counts
   its elements exactly down to ``2**-62``; smaller ones may count as zero

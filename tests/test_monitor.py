@@ -122,35 +122,3 @@ def _check_group_norms(g, leaves, out, state):
   np.testing.assert_allclose(
     float(state.norm), capped(ref.global_l2(leaves)), rtol=2e-6, atol=2 * tiny
   )
-
-
-def _full_size_buffers(step, *args) -> int:
-  """How many operations of the compiled ``step`` write an array of the
-  gradient leaf's size ([300, 200] float32)."""
-  text = jax.jit(step).lower(*args).compile().as_text()
-  entry = text[text.index("ENTRY") :]
-  return len(re.findall(r"= f32\[300,200\]\{[0-9,]*\} (?!parameter|bitcast)", entry))
-
-
-def test_watching_the_gradient_next_to_adam_writes_nothing_full_size():
-  """The monitor (or gc.global_norm) squares the same gradient Adam squares
-  for its second moment. XLA must not merge the two squares: that writes the
-  square out in full for both to read, which made a CPU Adam step three times
-  slower. The step with the monitor writes exactly the full-size buffers of
-  Adam alone."""
-  g = {
-    k: jnp.ones((300, 200), jnp.float32) for k in ("a", "b", "c")
-  }  # one leaf alone did not merge
-  adam = optax.adam(1e-3)
-
-  def step(tx):
-    return lambda g, s: tx.update(g, s, g)
-
-  def logged(g, s):
-    return adam.update(g, s, g), gc.global_norm(g)
-
-  watched = optax.chain(gc.monitor(), adam)
-  expected = _full_size_buffers(step(adam), g, adam.init(g))
-  assert expected > 0
-  assert _full_size_buffers(step(watched), g, watched.init(g)) == expected
-  assert _full_size_buffers(logged, g, adam.init(g)) == expected
