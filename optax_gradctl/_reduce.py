@@ -977,7 +977,8 @@ def _zero_after(stats: Sequence[jax.Array]) -> jax.Array:
 
 class Factors(NamedTuple):
   """Per scope, two factors whose product is the rescaling. ``s1 == 1``
-  exactly where nothing is rescaled (then ``s2 == 1`` too)."""
+  exactly where nothing is rescaled, or where the rescaling is exactly 1
+  (then ``s2 == 1`` too)."""
 
   s1: jax.Array  # [S]
   s2: jax.Array  # [S]
@@ -988,9 +989,11 @@ def scale_factors(
 ) -> tuple[Factors, jax.Array]:
   """The factors per scope that rescale norm ``value`` to ``target``.
 
-  The exponent of ``target / value`` is split evenly between the factors, so
-  that ``x * s1`` lies between ``x`` and the result: nothing overflows or
-  underflows on the way, even when ``value`` exceeds the dtype.
+  Where ``target / value`` lies within ``2**-64`` to ``2**64`` it is one
+  factor, ``s1``, and ``s2 == 1``; beyond, its exponent is split evenly
+  between the two, so that ``x * s1`` lies between ``x`` and the result.
+  Nothing overflows or underflows on the way, even when ``value`` exceeds
+  the dtype.
 
   Args:
     value: the norm per scope.
@@ -1016,16 +1019,21 @@ def scale_factors(
     active = (v.m > 0) & above & jnp.isfinite(target)
   else:
     active = v.m > 0
-  # target / value = (t_m / v.m) * 2**(t_e - v.e), the exponent split in two;
-  # where the scope rescales, k1 is never 0, so that s1 == 1 says it does not.
+  # target / value = (t_m / v.m) * 2**d, d = t_e - v.e. Within 2**-64 to
+  # 2**64 it is one factor, s1, and s2 == 1; beyond, the exponent is split in
+  # two halves, s1 = 2**k1 (k1 != 0) first, so that x * s1 lies between x and
+  # the result. Either way s1 == 1 says that the scope is not rescaled (or by
+  # exactly 1), and the leaf is kept as it is.
   d = jnp.where(active, t_e - v.e, 0)
-  k1 = jnp.where(active & (d // 2 == 0), -1, d // 2)
+  split = active & (jnp.abs(d) >= 64)
+  k1 = jnp.where(split, d // 2, 0)
   one = jnp.where(finite, 1, jnp.nan).astype(dtype) - _zero_after(after).astype(dtype)
   # Both factors end in a divide, which XLA computes once for all leaves;
   # dividing by a power of two is exact.
-  s1 = one / exp2(-k1, dtype)
+  power = one / exp2(-k1, dtype)
   numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
-  s2 = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
+  ratio = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
+  s1, s2 = jnp.where(split, power, ratio), jnp.where(split, ratio, power)
   # One kernel for both (each would be its own, with its own compile time);
   # the barrier keeps XLA from taking the stack apart again.
   packed = lax.optimization_barrier(jnp.stack([s1, s2]))

@@ -143,6 +143,24 @@ def test_within_bound_subnormals_are_bitwise_unchanged():
     assert float(state.clipped_fraction) == 0.0
 
 
+@pytest.mark.parametrize(
+  "make, target, g",
+  [
+    # ratio 0.9: halving first made 1.5 * 2**-126 subnormal, and the CPU flushed it
+    (lambda: gc.clip_by_global_norm(0.9), 0.9, [1.0, 1.5 * 2.0**-126, -1.2 * 2.0**-126]),
+    # ratio 1 / 0.6, the case a property test found: the result is larger still
+    (gc.unit_rescale, 1.0, [0.6, 1.5 * 2.0**-126, -1.2 * 2.0**-126]),
+  ],
+)
+@pytest.mark.usefixtures("strategy")
+def test_a_rescaled_element_near_the_smallest_normal_is_kept(make, target, g):
+  """A rescaling by a factor near 1 takes a normal element to a normal
+  result, with no intermediate below the normal range on the way."""
+  x = np.asarray(g, np.float64)
+  out, _ = upd(make(), jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float64), x * target / np.linalg.norm(x), rtol=2e-6)
+
+
 def test_autoclip_under_inject_hyperparams_needs_no_static_args():
   tx = optax.inject_hyperparams(gc.autoclip)(percentile=5.0)
   g = jnp.array([3.0, 4.0])
