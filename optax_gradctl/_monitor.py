@@ -89,7 +89,7 @@ def monitor(
     floats, _ = _reduce.split_floats(updates)
     names = _group_names(updates, groups)
     axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(floats, axes=axes)
+    red = _reduce.reduce(floats, axes=axes, watch=True)
     norms = _group_norms(red, names)
     return updates, MonitorState(red.norm, norms)
 

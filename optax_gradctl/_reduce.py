@@ -440,9 +440,11 @@ def _rescue_read(
 ) -> tuple[list[Any], Callable[[list[Any]], _Read]]:
   """The operands of a rescue under ``lax.cond``, and the function that
   reads them inside it. Per group of ``plan.groups``: the common read's
-  stacked batch where it has one (no second copy to compile), else the
-  group's leaves, stacked inside the rescue."""
-  common = dict(zip(read.batches, read.arrays, strict=True))
+  stacked batch where it has one of several leaves (no second copy to
+  compile), else the group's leaves, stacked inside the rescue. A leaf read
+  alone thus goes in as it is, which leaves its read to the reduction alone:
+  XLA then shares that reduction with any other transform reading the leaf."""
+  common = {b: y for b, y in zip(read.batches, read.arrays, strict=True) if len(b) > 1}
   operands = [common[g] if g in common else [floats[i] for i in g] for g in plan.groups]
 
   def reread(ops: list[Any]) -> _Read:
@@ -613,8 +615,9 @@ def _selected_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, S
 def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
   """The plain sums; where a scope's sum of squares left the range, a
   rescue under one ``lax.cond`` reads again, each leaf scaled by the
-  candidate its own plain sum calls for. For sharded leaves, whose sums are
-  known only once combined over the devices."""
+  candidate its own plain sum calls for. The leaves are held until the
+  scope's sum is known, which an update that waits for the norm (a clip)
+  does anyway; one branch costs less in a step than one per batch."""
   read = _read(floats, plan.batches, plan.acc)
   fast = _sums(read, plan, None, l1=l1, linf=linf)
   plain = _per_scope(fast, plan, scaled=False)
@@ -667,11 +670,11 @@ def _batch_branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[S
   rescue under its batch's ``lax.cond`` reads that batch again, each leaf
   scaled by the candidate its plain sum calls for. One device only.
 
-  Each batch decides alone, so no leaf is held until the whole tree has been
-  read. One rescue for the whole tree (:func:`_branched_sums`) keeps every
-  leaf alive until the last one is read; in a CPU training step whose
-  update does not wait for the norm (a monitor) that was 1.7 times slower.
-  The cost: a leaf of zeros is read twice."""
+  For a statistic that the update does not wait for (a monitor). Each batch
+  decides alone, so no leaf is held until the whole tree has been read: one
+  rescue for the whole tree (:func:`_branched_sums`) keeps every leaf alive
+  until the last one is read, which made a CPU MLP training step with a
+  monitor 1.7 times slower. The cost: a leaf of zeros is read twice."""
   read = _read(floats, plan.batches, plan.acc)
   sizes = [x.size for x in floats]
   parts = [
@@ -693,16 +696,17 @@ def _strategy() -> str:
 
 
 def norm_sums(
-  floats: Sequence[jax.Array], plan: Plan, *, l1: bool, linf: bool
+  floats: Sequence[jax.Array], plan: Plan, *, l1: bool, linf: bool, watch: bool = False
 ) -> tuple[Sums, Scoped]:
   """Partial norms of ``floats`` per leaf and per scope, exact over the whole
-  float range."""
+  float range. ``watch``: the norms are a statistic that the update does not
+  wait for (see :func:`_batch_branched_sums`)."""
   if _squares_always_fit(floats):
     sums = _sums(_read(floats, plan.batches, plan.acc), plan, None, l1=l1, linf=linf)
     return sums, _per_scope(sums, plan, scaled=False)
 
   def branching(floats):
-    branched = _batch_branched_sums if plan.axes is None else _branched_sums
+    branched = _batch_branched_sums if watch and plan.axes is None else _branched_sums
     return branched(floats, plan, l1=l1, linf=linf)
 
   def selecting(floats):
@@ -834,6 +838,7 @@ def reduce(
   norms: Sequence[str] = (),
   moments: bool = False,
   axes: Axes | None = None,
+  watch: bool = False,
 ) -> Reduction:
   """Reduces the float leaves once, per scope.
 
@@ -844,6 +849,9 @@ def reduce(
     moments: also compute the mean and the centred sum of squares.
     axes: the mesh axes each leaf is partitioned over, inside ``shard_map``
       (from :func:`float_axes`); ``None`` on one device or under plain ``jit``.
+    watch: the norms are a statistic only, which the update does not wait
+      for: on one device no leaf is then held until the whole tree has been
+      read (see :func:`_batch_branched_sums`).
 
   Returns:
     A :class:`Reduction`. Its ``norm`` is always the global L2 norm as float32.
@@ -855,7 +863,7 @@ def reduce(
   if moments:
     mom = moment_sums(floats, plan)
     return Reduction(norm=_norm_statistic(mom.squares()), moments=mom)
-  sums, scoped = norm_sums(floats, plan, l1="l1" in norms, linf="linf" in norms)
+  sums, scoped = norm_sums(floats, plan, l1="l1" in norms, linf="linf" in norms, watch=watch)
   out = Reduction(norm=_norm_statistic(scoped.sumsq), leaf_sumsq=sums.squares())
   if "l2" in norms:
     out = out._replace(l2=scoped.sumsq.sqrt())
@@ -1195,5 +1203,5 @@ def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) 
   if not floats:
     return jnp.zeros((), jnp.float32)
   axes = float_axes(axis_name, tree)
-  red = reduce(floats, scope="global", norms=(norm,), axes=axes)
+  red = reduce(floats, scope="global", norms=(norm,), axes=axes, watch=True)
   return getattr(red, norm).to_float32()[0]
