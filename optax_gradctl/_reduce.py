@@ -1038,9 +1038,11 @@ def scale_factors(
   one = jnp.where(finite, 1, jnp.nan).astype(dtype) - _zero_after(after).astype(dtype)
   # Both factors end in a divide, which XLA computes once for all leaves;
   # dividing by a power of two is exact.
+  # 4 * t_m * 2**(d - k1) / (4 * v.m): a numerator t_m * 2**-126 alone would
+  # be subnormal, and flushed, where the ratio itself is normal.
   power = one / exp2(-k1, dtype)
-  numerator = jnp.where(active, t_m * exp2(d - k1, dtype), 1)
-  ratio = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m, 1)
+  numerator = jnp.where(active, t_m * exp2(d - k1 + 2, dtype), 1)
+  ratio = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m * 4, 1)
   s1, s2 = jnp.where(split, power, ratio), jnp.where(split, ratio, power)
   # One kernel for both (each would be its own, with its own compile time);
   # the barrier keeps XLA from taking the stack apart again.
