@@ -647,7 +647,9 @@ def _batch_plan(plan: Plan, batch: Sequence[int], sizes: Sequence[int]) -> Plan:
   )
 
 
-def _rescued_batch(y: jax.Array, leaf: jax.Array | None, plan: Plan, *, l1: bool, linf: bool):
+def _rescued_batch(
+  y: jax.Array, leaf: jax.Array | None, plan: Plan, *, l1: bool, linf: bool
+) -> Sums:
   """The sums of one batch ``y`` ([members, ...], ``plan`` from
   :func:`_batch_plan`), read again under the batch's own ``lax.cond`` where a
   member's sum of squares left the range. ``leaf``: the batch's only leaf,
@@ -1036,10 +1038,10 @@ def scale_factors(
   split = active & (jnp.abs(d) >= 64)
   k1 = jnp.where(split, d // 2, 0)
   one = jnp.where(finite, 1, jnp.nan).astype(dtype) - _zero_after(after).astype(dtype)
-  # Both factors end in a divide, which XLA computes once for all leaves;
-  # dividing by a power of two is exact.
-  # 4 * t_m * 2**(d - k1) / (4 * v.m): a numerator t_m * 2**-126 alone would
-  # be subnormal, and flushed, where the ratio itself is normal.
+  # Both come out of a divide, which XLA computes once for all leaves rather
+  # than in each leaf's kernel; dividing by a power of two is exact. The
+  # ratio is 4 * t_m * 2**(d - k1) / (4 * v.m): a numerator t_m * 2**-126
+  # alone would be subnormal, and flushed, where the ratio itself is normal.
   power = one / exp2(-k1, dtype)
   numerator = jnp.where(active, t_m * exp2(d - k1 + 2, dtype), 1)
   ratio = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m * 4, 1)
