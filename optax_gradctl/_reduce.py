@@ -634,58 +634,23 @@ def _branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, S
   return lax.cond(ok, lambda _: (fast, plain), rescue, operands)
 
 
-def _batch_plan(plan: Plan, batch: Sequence[int], sizes: Sequence[int]) -> Plan:
-  """The plan of one batch of leaves reduced alone, on one device."""
-  members = tuple(range(len(batch)))
-  return plan._replace(
-    scope="leaf",
-    owner=np.arange(len(batch)),
-    n=np.asarray([sizes[i] for i in batch], np.int64),
-    weights=None,
-    batches=(members,),
-    groups=(members,),
-  )
-
-
-def _rescued_batch(
-  y: jax.Array, leaf: jax.Array | None, plan: Plan, *, l1: bool, linf: bool
-) -> Sums:
-  """The sums of one batch ``y`` ([members, ...], ``plan`` from
-  :func:`_batch_plan`), read again under the batch's own ``lax.cond`` where a
-  member's sum of squares left the range. ``leaf``: the batch's only leaf,
-  which the rescue reads rather than ``y``; XLA then keeps ``y`` out of the
-  branch and shares its sums with any other transform that reads it."""
-  fast = _sums(_Read([y], plan.batches), plan, None, l1=l1, linf=linf)
-  ok = jnp.all(_trusted(fast.sumsq, plan.acc) | (plan.n == 0))
-
-  def rescue(x):
-    e = _candidate_scales(plan.acc)[_candidate(fast.sumsq, plan.acc)]
-    y = x if leaf is None else x[None].astype(plan.acc)
-    sums = _sums(_Read([y], plan.batches), plan, e, l1=l1, linf=False)
-    return sums._replace(amax=fast.amax)
-
-  return lax.cond(ok, lambda _: fast, rescue, y if leaf is None else leaf)
-
-
 def _batch_branched_sums(floats, plan: Plan, *, l1: bool, linf: bool) -> tuple[Sums, Scoped]:
-  """The plain sums; where a leaf's own sum of squares left the range, a
-  rescue under its batch's ``lax.cond`` reads that batch again, each leaf
-  scaled by the candidate its plain sum calls for. One device only.
+  """As :func:`_branched_sums`, run on each batch of leaves alone: where a
+  leaf's own sum of squares left the range, its batch's ``lax.cond`` reads
+  that batch again. One device only.
 
   For a statistic that the update does not wait for (a monitor). Each batch
   decides alone, so no leaf is held until the whole tree has been read: one
-  rescue for the whole tree (:func:`_branched_sums`) keeps every leaf alive
-  until the last one is read, which made a CPU MLP training step with a
-  monitor 1.7 times slower. The cost: a leaf of zeros is read twice."""
-  read = _read(floats, plan.batches, plan.acc)
-  sizes = [x.size for x in floats]
-  parts = [
-    _rescued_batch(
-      y, floats[b[0]] if len(b) == 1 else None, _batch_plan(plan, b, sizes), l1=l1, linf=linf
-    )
-    for y, b in zip(read.arrays, read.batches, strict=True)
-  ]
-  perm = np.argsort([i for b in read.batches for i in b])
+  rescue for the whole tree keeps every leaf alive until the last one is
+  read, which made a CPU MLP training step with a monitor 1.7 times slower.
+  The reads are those of :func:`_branched_sums`, which XLA computes once
+  when a clip reads the same leaves. The cost: a leaf of zeros is read
+  twice."""
+  parts = []
+  for b in plan.batches:
+    batch = [floats[i] for i in b]
+    parts.append(_branched_sums(batch, make_plan(batch, "leaf"), l1=l1, linf=linf)[0])
+  perm = np.argsort([i for b in plan.batches for i in b])
   fields = [[getattr(p, f) for p in parts] for f in Sums._fields]
   sums = Sums(*(None if v[0] is None else jnp.concatenate(v)[perm] for v in fields))
   return sums, _per_scope(sums, plan, scaled=True)
