@@ -75,7 +75,7 @@ print(json.dumps({"trace_s": t1 - t0, "compile_s": t2 - t1, "fusions": text.coun
 
 def stacked_clip(max_norm: float, exact: bool):
   """A global-norm clip cut down to what any such clip compiles: each
-  shape's leaves read in stacked groups of ``STACK_GROUP``, one reduction
+  shape's leaves read in stacked groups of ``gc.ReductionSettings().stack_group``, one reduction
   kernel per group as in gradctl's common read, then one output kernel per
   leaf. That kernel is ``x * scale`` alone, or, with ``exact``, gradctl's:
   the leaf itself where nothing is rescaled (subnormals included), else
@@ -83,13 +83,15 @@ def stacked_clip(max_norm: float, exact: bool):
   the whole float range: a bound on compile time, not a clip to use."""
   import jax.numpy as jnp
 
-  from optax_gradctl._reduce import STACK_GROUP
+  import optax_gradctl as gc
+
+  group = gc.ReductionSettings().stack_group
 
   def clip(leaves):
     same: dict[tuple, list] = {}
     for x in leaves:
       same.setdefault(x.shape, []).append(x)
-    groups = [g[k : k + STACK_GROUP] for g in same.values() for k in range(0, len(g), STACK_GROUP)]
+    groups = [g[k : k + group] for g in same.values() for k in range(0, len(g), group)]
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(jnp.stack(g))) for g in groups))
     # Factors out of a divide and a square root, which XLA computes once
     # rather than copying them into every output kernel, as gradctl's are.

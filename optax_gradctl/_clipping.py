@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from optax_gradctl import _reduce, _stats
+from optax_gradctl import _stats
+from optax_gradctl._reduction.counting import fraction_outside
+from optax_gradctl._reduction.factors import apply
+from optax_gradctl._reduction.leaves import acc_dtype, split_floats
+from optax_gradctl._reduction.mesh import AxisName, float_axes
+from optax_gradctl._reduction.plan import SCOPES, Scope
+from optax_gradctl._reduction.reduce import NORMS, NormOrd, reduce, reduce_tree, rescaled_to_norm
 from optax_gradctl._validation import check_choice, check_number, concrete
+
+
+@_stats.register("clip_by_value")
+class ClipByValueState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_value`."""
+
+  #: float32 scalar: the global L2 norm of the incoming gradient.
+  norm: jax.Array
+  #: float32 scalar: the fraction of elements clamped.
+  clipped_fraction: jax.Array
+
+
+@_stats.register("clip_by_norm")
+class ClipByNormState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_norm`."""
+
+  #: float32 scalar: the global L2 norm of the incoming gradient.
+  norm: jax.Array
+  #: float32 scalar: the fraction of scopes rescaled.
+  clipped_fraction: jax.Array
+
+
+@_stats.register("clip_by_global_norm")
+class ClipByGlobalNormState(ClipByNormState):
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_global_norm`."""
 
 
 def clip_by_value(
@@ -17,7 +49,7 @@ def clip_by_value(
   min_value: ArrayLike | None = None,
   *,
   stats: bool = True,
-  axis_name: _reduce.AxisName = None,
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Clamps every gradient element to ``[min_value, max_value]``.
 
@@ -80,23 +112,23 @@ def clip_by_value(
     del params
     if not stats:
       return optax.EmptyState()
-    return _stats.ClipByValueState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
+    return ClipByValueState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild = _reduce.split_floats(updates)
-    acc = _reduce.acc_dtype(floats)
+    floats, rebuild = split_floats(updates)
+    acc = acc_dtype(floats)
     upper = jnp.asarray(max_value, acc)
     lower = -upper if min_value is None else jnp.asarray(min_value, acc)
     if not stats:
-      return rebuild(_reduce.apply(floats, "global", jnp.clip, lower[None], upper[None])), state
-    axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(floats, axes=axes)
-    fraction = _reduce.fraction_outside(floats, lower, upper, axes=axes)
-    clamped = _reduce.apply(
+      return rebuild(apply(floats, "global", jnp.clip, lower[None], upper[None])), state
+    axes = float_axes(axis_name, updates)
+    red = reduce(floats, axes=axes)
+    fraction = fraction_outside(floats, lower, upper, axes=axes)
+    clamped = apply(
       floats, "global", jnp.clip, lower[None], upper[None], after=(red.norm, fraction)
     )
-    return rebuild(clamped), _stats.ClipByValueState(norm=red.norm, clipped_fraction=fraction)
+    return rebuild(clamped), ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -104,9 +136,9 @@ def clip_by_value(
 def clip_by_norm(
   max_norm: ArrayLike,
   *,
-  norm: _reduce.NormOrd = "l2",
-  scope: _reduce.Scope = "global",
-  axis_name: _reduce.AxisName = None,
+  norm: NormOrd = "l2",
+  scope: Scope = "global",
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Rescales the gradient to norm ``max_norm`` where its norm exceeds it.
 
@@ -156,14 +188,14 @@ def clip_by_norm(
     Pascanu et al., `On the difficulty of training recurrent neural networks
     <https://arxiv.org/abs/1211.5063>`_, 2013
   """
-  return _clip_by_norm(max_norm, norm, scope, axis_name, "clip_by_norm", _stats.ClipByNormState)
+  return _clip_by_norm(max_norm, norm, scope, axis_name, "clip_by_norm", ClipByNormState)
 
 
 def clip_by_global_norm(
   max_norm: ArrayLike,
   *,
-  norm: _reduce.NormOrd = "l2",
-  axis_name: _reduce.AxisName = None,
+  norm: NormOrd = "l2",
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Clips the norm of the whole gradient pytree to ``max_norm``.
 
@@ -198,7 +230,7 @@ def clip_by_global_norm(
     <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   return _clip_by_norm(
-    max_norm, norm, "global", axis_name, "clip_by_global_norm", _stats.ClipByGlobalNormState
+    max_norm, norm, "global", axis_name, "clip_by_global_norm", ClipByGlobalNormState
   )
 
 
@@ -206,8 +238,8 @@ def _clip_by_norm(
   max_norm, norm, scope, axis_name, owner, state_type
 ) -> optax.GradientTransformation:
   check_number(owner, "max_norm", max_norm, low=0.0)
-  check_choice(owner, "norm", norm, _reduce.NORMS)
-  check_choice(owner, "scope", scope, _reduce.SCOPES)
+  check_choice(owner, "norm", norm, NORMS)
+  check_choice(owner, "scope", scope, SCOPES)
 
   def init_fn(params: Any):
     del params
@@ -215,12 +247,8 @@ def _clip_by_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild = _reduce.split_floats(updates)
-    axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axes=axes)
-    after = () if norm == "l2" else (red.norm,)  # the statistic's own reduction
-    factors, clipped = _reduce.scale_factors(getattr(red, norm), max_norm, clip=True, after=after)
-    out = _reduce.rescale(floats, scope, factors)
+    floats, rebuild, red = reduce_tree(updates, axis_name, scope=scope, norms=(norm,))
+    out, clipped = rescaled_to_norm(floats, red, norm, scope, max_norm, clip=True)
     fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
     return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
 

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax.tree_util import keystr
 
-from optax_gradctl import _reduce, _stats
+from optax_gradctl import _stats
+from optax_gradctl._reduction.finer import group_norms
+from optax_gradctl._reduction.leaves import float_positions
+from optax_gradctl._reduction.mesh import AxisName
+from optax_gradctl._reduction.reduce import NORMS, NormOrd, Reduction, reduce_tree
+from optax_gradctl._validation import check_choice
 
 GroupFn = Callable[[tuple], Hashable]
 
@@ -25,18 +30,20 @@ def top_level(path: tuple) -> str:
 class MonitorState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.monitor`."""
 
-  norm: jax.Array  # float32 (): global L2 norm of the gradient
-  group_norms: dict[str, jax.Array]  # float32 (): L2 norm of each group of leaves
+  #: float32 scalar: the global L2 norm of the gradient.
+  norm: jax.Array
+  #: float32 scalars: the L2 norm of each group of leaves, by group name.
+  group_norms: dict[str, jax.Array]
 
 
 def _group_names(tree: Any, groups: GroupFn) -> list[str]:
-  """The group of each float leaf, in the order of :func:`_reduce.split_floats`."""
+  """The group of each float leaf, in the order of the reduction's leaves."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [str(groups(path)) for path, x in flat if _reduce.is_float(x)]
+  return [str(groups(flat[i][0])) for i in float_positions([x for _, x in flat])]
 
 
 def monitor(
-  groups: GroupFn = top_level, *, axis_name: _reduce.AxisName = None
+  groups: GroupFn = top_level, *, axis_name: AxisName = None
 ) -> optax.GradientTransformation:
   """Records the gradient's global norm and the norm of each group of leaves;
   returns the gradient unchanged.
@@ -86,18 +93,56 @@ def monitor(
 
   def update_fn(updates, state, params=None):
     del state, params
-    floats, _ = _reduce.split_floats(updates)
     names = _group_names(updates, groups)
-    axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(floats, axes=axes, watch=True)
+    _, _, red = reduce_tree(updates, axis_name, watch=True)
     norms = _group_norms(red, names)
     return updates, MonitorState(red.norm, norms)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _group_norms(red: _reduce.Reduction, names: Sequence[str]) -> dict[str, jax.Array]:
+def _group_norms(red: Reduction, names: Sequence[str]) -> dict[str, jax.Array]:
   if not names:
     return {}
-  norms = _reduce.group_norms(red.leaf_sumsq, names)
+  norms = group_norms(red.leaf_sumsq, names)
   return {name: norms[name].astype(jnp.float32) for name in dict.fromkeys(names)}
+
+
+def global_norm(tree: Any, norm: NormOrd = "l2", *, axis_name: AxisName = None) -> jax.Array:
+  """The norm of a whole pytree, as a float32 scalar.
+
+  This is the same overflow-safe reduction the transforms use: it accumulates
+  in at least float32 and scales by a power of two when squares would
+  overflow or underflow, so 1000 bfloat16 leaves of norm 1 give 31.62 and
+  float16 leaves of 300 give the right norm. Where the true norm exceeds the
+  float32 range the result is inf. ``None``, integer and ``float0`` leaves do
+  not count; empty leaves count as zeros.
+
+  Args:
+    tree: a pytree of arrays.
+    norm: ``"l2"``, ``"l1"`` or ``"linf"``.
+    axis_name: inside ``shard_map``, the mesh axes over which the leaves are
+      partitioned (a name, a tuple of names, or a pytree prefix of ``tree``
+      with ``None`` for replicated leaves): the norm then covers the whole
+      sharded tree.
+
+  Returns:
+    A float32 scalar.
+
+  Raises:
+    ValueError: if ``norm`` is unknown.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradctl as gc
+    >>> g = {"w": jnp.full((2,), 300.0, jnp.float16), "step": jnp.array(3)}
+    >>> gc.global_norm(g)
+    Array(424.26407, dtype=float32)
+    >>> gc.global_norm(g, "linf")
+    Array(300., dtype=float32)
+  """
+  check_choice("global_norm", "norm", norm, NORMS)
+  floats, _, red = reduce_tree(tree, axis_name, scope="global", norms=(norm,), watch=True)
+  if not floats:
+    return jnp.zeros((), jnp.float32)
+  return getattr(red, norm).to_float32()[0]

@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_gradctl import _reduce, _stats
+from optax_gradctl import _stats
+from optax_gradctl._reduction.factors import apply, reciprocal_pow2
+from optax_gradctl._reduction.mesh import AxisName
+from optax_gradctl._reduction.moments import Moments
+from optax_gradctl._reduction.plan import SCOPES, Scope
+from optax_gradctl._reduction.pow2 import Pow2, safe_sqrt
+from optax_gradctl._reduction.reduce import NORMS, NormOrd, reduce_tree, rescaled_to_norm
 from optax_gradctl._validation import check_choice, check_number, concrete
+
+
+@_stats.register("unit_rescale")
+class UnitRescaleState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.unit_rescale`."""
+
+  #: float32 scalar: the global L2 norm of the incoming gradient.
+  norm: jax.Array
+
+
+@_stats.register("zscore")
+class ZScoreState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.zscore`, global scope."""
+
+  #: float32 scalar: the global L2 norm of the incoming gradient.
+  norm: jax.Array
+  #: float32 scalar: the mean of all gradient elements.
+  mean: jax.Array
+  #: float32 scalar: their standard deviation (with ``ddof``).
+  std: jax.Array
+
+
+@_stats.register("zscore")
+class ZScoreLeafState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.zscore`, leaf scope."""
+
+  #: float32 scalar: the global L2 norm of the incoming gradient.
+  norm: jax.Array
 
 
 def unit_rescale(
   *,
-  norm: _reduce.NormOrd = "l2",
-  scope: _reduce.Scope = "global",
-  axis_name: _reduce.AxisName = None,
+  norm: NormOrd = "l2",
+  scope: Scope = "global",
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Rescales the gradient to unit norm: ``g / ||g||``.
 
@@ -51,31 +85,27 @@ def unit_rescale(
     [0.192, 0.302, 0.934]
   """
   owner = "unit_rescale"
-  check_choice(owner, "norm", norm, _reduce.NORMS)
-  check_choice(owner, "scope", scope, _reduce.SCOPES)
+  check_choice(owner, "norm", norm, NORMS)
+  check_choice(owner, "scope", scope, SCOPES)
 
-  def init_fn(params: Any) -> _stats.UnitRescaleState:
+  def init_fn(params: Any) -> UnitRescaleState:
     del params
-    return _stats.UnitRescaleState(norm=_stats.zeros())
+    return UnitRescaleState(norm=_stats.zeros())
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild = _reduce.split_floats(updates)
-    axes = _reduce.float_axes(axis_name, updates)
-    red = _reduce.reduce(floats, scope=scope, norms=(norm,), axes=axes)
-    after = () if norm == "l2" else (red.norm,)  # the statistic's own reduction
-    factors, _ = _reduce.scale_factors(getattr(red, norm), 1.0, clip=False, after=after)
-    out = _reduce.rescale(floats, scope, factors)
-    return rebuild(out), _stats.UnitRescaleState(norm=red.norm)
+    floats, rebuild, red = reduce_tree(updates, axis_name, scope=scope, norms=(norm,))
+    out, _ = rescaled_to_norm(floats, red, norm, scope, 1.0, clip=False)
+    return rebuild(out), UnitRescaleState(norm=red.norm)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def zscore(
   *,
-  scope: _reduce.Scope = "global",
+  scope: Scope = "global",
   ddof: jax.typing.ArrayLike = 0,
-  axis_name: _reduce.AxisName = None,
+  axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Standardizes the gradient: ``(g - mean) / std``.
 
@@ -115,9 +145,9 @@ def zscore(
     (1.7333, 1.1898)
   """
   owner = "zscore"
-  check_choice(owner, "scope", scope, _reduce.SCOPES)
+  check_choice(owner, "scope", scope, SCOPES)
   check_number(owner, "ddof", ddof, low=0.0, allow_inf=False)
-  state_type = _stats.ZScoreState if scope == "global" else _stats.ZScoreLeafState
+  state_type = ZScoreState if scope == "global" else ZScoreLeafState
 
   def init_fn(params: Any):
     del params
@@ -125,40 +155,44 @@ def zscore(
 
   def update_fn(updates, state, params=None):
     del params
-    floats, rebuild = _reduce.split_floats(updates)
-    red = _reduce.reduce(
-      floats,
-      scope=scope,
-      moments=True,
-      axes=_reduce.float_axes(axis_name, updates),
-    )
+    floats, rebuild, red = reduce_tree(updates, axis_name, scope=scope, moments=True)
     mom = red.moments
-    dof = _degrees_of_freedom(mom.n, ddof, owner).astype(mom.m2.dtype)
-    undefined = jnp.where(mom.n == 0, 0.0, jnp.nan)  # an empty scope has std 0
-    var = jnp.where(dof > 0, mom.m2 / jnp.where(dof > 0, dof, 1), undefined)
-    std = _reduce.safe_sqrt(var)
-    # 1 / std, 0 for a constant scope, NaN for a non-finite one; ending in a
-    # divide so that XLA computes it once for all leaves.
-    finite = jnp.isfinite(mom.mean) & jnp.isfinite(std)
-    inv = jnp.where(finite, jnp.where(std > 0, 1.0, 0.0), jnp.nan) / jnp.where(std > 0, std, 1)
-    half = mom.e // 2
-    ok = jnp.ones(mom.e.shape, bool)
-    p1 = _reduce.reciprocal_pow2(half, ok, mom.mean.dtype)
-    p2 = _reduce.reciprocal_pow2(mom.e - half, ok, mom.mean.dtype)
-    out = _reduce.apply(
-      floats, scope, lambda x, a, b, mean, i: (x * a * b - mean) * i, p1, p2, mom.mean, inv
-    )
+    std = _std(mom, ddof, owner)
+    out = _standardized(floats, scope, mom, std)
     if scope == "leaf":
-      return rebuild(out), _stats.ZScoreLeafState(norm=red.norm)
+      return rebuild(out), ZScoreLeafState(norm=red.norm)
     if not floats:
-      return rebuild(out), _stats.ZScoreState(red.norm, _stats.zeros(), _stats.zeros())
-    mean = _reduce.Pow2(jnp.abs(mom.mean), mom.e).to_float32()[0] * jnp.sign(mom.mean[0]).astype(
+      return rebuild(out), ZScoreState(red.norm, _stats.zeros(), _stats.zeros())
+    mean = Pow2(jnp.abs(mom.mean), mom.e).to_float32()[0] * jnp.sign(mom.mean[0]).astype(
       jnp.float32
     )
-    sd = _reduce.Pow2(std, mom.e).to_float32()[0]
-    return rebuild(out), _stats.ZScoreState(norm=red.norm, mean=mean, std=sd)
+    sd = Pow2(std, mom.e).to_float32()[0]
+    return rebuild(out), ZScoreState(norm=red.norm, mean=mean, std=sd)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _std(mom: Moments, ddof: Any, owner: str) -> jax.Array:
+  """The standard deviation per scope, in units of ``2**e``; NaN with no
+  degrees of freedom left, 0 for an empty scope."""
+  dof = _degrees_of_freedom(mom.n, ddof, owner).astype(mom.m2.dtype)
+  undefined = jnp.where(mom.n == 0, 0.0, jnp.nan)  # an empty scope has std 0
+  var = jnp.where(dof > 0, mom.m2 / jnp.where(dof > 0, dof, 1), undefined)
+  return safe_sqrt(var)
+
+
+def _standardized(floats, scope: Scope, mom: Moments, std: jax.Array) -> list[jax.Array]:
+  """``(x * 2**-e - mean) / std`` per leaf; zeros for a constant scope, NaN
+  for a non-finite one."""
+  finite = jnp.isfinite(mom.mean) & jnp.isfinite(std)
+  inv = jnp.where(finite, jnp.where(std > 0, 1.0, 0.0), jnp.nan) / jnp.where(std > 0, std, 1)
+  half = mom.e // 2
+  ok = jnp.ones(mom.e.shape, bool)
+  p1 = reciprocal_pow2(half, ok, mom.mean.dtype)
+  p2 = reciprocal_pow2(mom.e - half, ok, mom.mean.dtype)
+  return apply(
+    floats, scope, lambda x, a, b, mean, i: (x * a * b - mean) * i, p1, p2, mom.mean, inv
+  )
 
 
 def _degrees_of_freedom(n: np.ndarray, ddof: Any, owner: str) -> jax.Array:

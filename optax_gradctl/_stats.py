@@ -1,8 +1,8 @@
-"""State types of the transforms, and :func:`stats` to read them back."""
+"""Reading statistics back: the registry of state types, and :func:`stats`."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,67 +31,6 @@ def register(name: str, fields: tuple[str, ...] | None = None):
 def zeros() -> jax.Array:
   """The initial value of every statistic: a float32 zero scalar."""
   return jnp.zeros((), jnp.float32)
-
-
-@register("clip_by_value")
-class ClipByValueState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.clip_by_value`."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
-  clipped_fraction: jax.Array  # float32 (): fraction of elements clamped
-
-
-@register("clip_by_norm")
-class ClipByNormState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.clip_by_norm`."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
-  clipped_fraction: jax.Array  # float32 (): fraction of scopes rescaled
-
-
-@register("clip_by_global_norm")
-class ClipByGlobalNormState(ClipByNormState):
-  """Statistics of the last step of :func:`~optax_gradctl.clip_by_global_norm`."""
-
-
-@register("unit_rescale")
-class UnitRescaleState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.unit_rescale`."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
-
-
-@register("zscore")
-class ZScoreState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.zscore`, global scope."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
-  mean: jax.Array  # float32 (): mean of all gradient elements
-  std: jax.Array  # float32 (): their standard deviation (with ``ddof``)
-
-
-@register("zscore")
-class ZScoreLeafState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.zscore`, leaf scope."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
-
-
-@register("adaptive_grad_clip")
-class AdaptiveGradClipState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.adaptive_grad_clip`."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming gradient
-  clipped_fraction: jax.Array  # float32 (): fraction of units clipped
-
-
-@register("per_example_clip")
-class PerExampleClipState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.per_example_clip`."""
-
-  norm: jax.Array  # float32 (): global L2 norm of the incoming per-example gradients
-  clipped_fraction: jax.Array  # float32 (): fraction of examples clipped
-  max_example_norm: jax.Array  # float32 (): the largest example's norm
 
 
 def _is_state(x: Any) -> bool:

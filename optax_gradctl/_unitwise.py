@@ -3,17 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from optax_gradctl import _reduce, _stats
+from optax_gradctl import _stats
+from optax_gradctl._reduction.factors import scale_factors, times_factors
+from optax_gradctl._reduction.finer import example_norms, unit_norms
+from optax_gradctl._reduction.leaves import float_positions, split_floats
+from optax_gradctl._reduction.plan import SCOPES, Scope
+from optax_gradctl._reduction.pow2 import Pow2
 from optax_gradctl._validation import check_choice, check_number
 
 UnitAxis = int | tuple[int, ...] | None
+
+
+@_stats.register("adaptive_grad_clip")
+class AdaptiveGradClipState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.adaptive_grad_clip`."""
+
+  #: float32 scalar: the global L2 norm of the incoming gradient.
+  norm: jax.Array
+  #: float32 scalar: the fraction of units clipped.
+  clipped_fraction: jax.Array
+
+
+@_stats.register("per_example_clip")
+class PerExampleClipState(NamedTuple):
+  """Statistics of the last step of :func:`~optax_gradctl.per_example_clip`."""
+
+  #: float32 scalar: the global L2 norm of the incoming per-example gradients.
+  norm: jax.Array
+  #: float32 scalar: the fraction of examples clipped.
+  clipped_fraction: jax.Array
+  #: float32 scalar: the largest example's norm.
+  max_example_norm: jax.Array
 
 
 # --------------------------------------------------------------------------- AGC
@@ -38,20 +65,6 @@ def _unit_axes(shape: tuple[int, ...], axis: UnitAxis, owner: str) -> tuple[int,
     f"{owner}: no default unit for a leaf of shape {shape} (rank {ndim}); pass axis= the axes"
     " each unit's norm is taken over"
   )
-
-
-def _at_least(value: _reduce.Pow2, floor: ArrayLike) -> _reduce.Pow2:
-  """``max(value, floor)`` for a non-negative ``value`` and number ``floor``."""
-  f_m, f_e = jnp.frexp(jnp.asarray(floor, value.m.dtype))
-  v = value.normalized()
-  below = (v.m == 0) | (v.e < f_e) | ((v.e == f_e) & (v.m < f_m))
-  return _reduce.Pow2(jnp.where(below, f_m, v.m).astype(v.m.dtype), jnp.where(below, f_e, v.e))
-
-
-def _times(value: _reduce.Pow2, factor: ArrayLike) -> _reduce.Pow2:
-  """``factor * value``, the factor's exponent carried in ``e``."""
-  f_m, f_e = jnp.frexp(jnp.asarray(factor, value.m.dtype))
-  return _reduce.Pow2(value.m * f_m, value.e + f_e.astype(jnp.int32))
 
 
 def adaptive_grad_clip(
@@ -113,9 +126,9 @@ def adaptive_grad_clip(
   check_number(owner, "clipping", clipping, low=0.0)
   check_number(owner, "eps", eps, low=0.0, allow_inf=False)
 
-  def init_fn(params: Any) -> _stats.AdaptiveGradClipState:
+  def init_fn(params: Any) -> AdaptiveGradClipState:
     del params
-    return _stats.AdaptiveGradClipState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
+    return AdaptiveGradClipState(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
 
   def update_fn(updates, state, params=None):
     del state
@@ -126,24 +139,22 @@ def adaptive_grad_clip(
     leaves, treedef = jax.tree.flatten(updates)
     weights = treedef.flatten_up_to(params)
     out, squares, clipped, units = list(leaves), [], [], 0
-    for i, (g, w) in enumerate(zip(leaves, weights, strict=True)):
-      if not _reduce.is_float(g):
-        continue
-      g = jnp.asarray(g)
+    for i in float_positions(leaves):
+      g = jnp.asarray(leaves[i])
       axes = _unit_axes(g.shape, axis, owner)
-      g_norm = _reduce.unit_norms(g, axes)
-      limit = _times(_at_least(_reduce.unit_norms(jnp.asarray(w), axes), eps), clipping)
-      factors, active = _reduce.scale_factors(g_norm, limit, clip=True)
+      g_norm = unit_norms(g, axes)
+      limit = unit_norms(jnp.asarray(weights[i]), axes).at_least(eps).times(clipping)
+      factors, active = scale_factors(g_norm, limit, clip=True)
       y = g.astype(g_norm.m.dtype)
-      out[i] = _reduce.times_factors(y, factors.s1, factors.s2).astype(g.dtype)
-      squares.append(g_norm.squared().total(axis=None))
+      out[i] = times_factors(y, factors.s1, factors.s2).astype(g.dtype)
+      squares.append(g_norm.square().total(axis=None))
       clipped.append(jnp.sum(active))
       units += active.size
     if not squares:
       return jax.tree.unflatten(treedef, out), init_fn(None)
-    norm = _reduce.Pow2.stack(squares).total().sqrt().to_float32()
+    norm = Pow2.stack(squares).total().sqrt().to_float32()
     fraction = (sum(clipped) / units).astype(jnp.float32)
-    return jax.tree.unflatten(treedef, out), _stats.AdaptiveGradClipState(norm, fraction)
+    return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(norm, fraction)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -152,7 +163,7 @@ def adaptive_grad_clip(
 
 
 def per_example_clip(
-  l2_norm_clip: ArrayLike, *, scope: _reduce.Scope = "global"
+  l2_norm_clip: ArrayLike, *, scope: Scope = "global"
 ) -> optax.GradientTransformation:
   """Clips each example's gradient to norm ``l2_norm_clip`` and sums them (DP-SGD).
 
@@ -194,30 +205,30 @@ def per_example_clip(
   """
   owner = "per_example_clip"
   check_number(owner, "l2_norm_clip", l2_norm_clip, low=0.0)
-  check_choice(owner, "scope", scope, _reduce.SCOPES)
+  check_choice(owner, "scope", scope, SCOPES)
 
-  def init_fn(params: Any) -> _stats.PerExampleClipState:
+  def init_fn(params: Any) -> PerExampleClipState:
     del params
     z = _stats.zeros()
-    return _stats.PerExampleClipState(norm=z, clipped_fraction=z, max_example_norm=z)
+    return PerExampleClipState(norm=z, clipped_fraction=z, max_example_norm=z)
 
   def update_fn(updates, state, params=None):
     del state, params
-    floats, rebuild = _reduce.split_floats(updates)
+    floats, rebuild = split_floats(updates)
     if not floats:
       return rebuild(floats), init_fn(None)
     _check_batch(floats, owner)
-    norms = _reduce.example_norms(floats, scope)  # [B] or [L, B]
-    factors, active = _reduce.scale_factors(norms, l2_norm_clip, clip=True)
+    norms = example_norms(floats, scope)  # [B] or [L, B]
+    factors, active = scale_factors(norms, l2_norm_clip, clip=True)
     out = []
     for i, x in enumerate(floats):
       s1, s2 = (factors.s1, factors.s2) if scope == "global" else (factors.s1[i], factors.s2[i])
       column = (-1,) + (1,) * (x.ndim - 1)
       s1, s2 = s1.reshape(column), s2.reshape(column)
       y = x.astype(norms.m.dtype)
-      out.append(jnp.sum(_reduce.times_factors(y, s1, s2), axis=0).astype(x.dtype))
-    squares = norms.squared().reshape_flat()
-    new = _stats.PerExampleClipState(
+      out.append(jnp.sum(times_factors(y, s1, s2), axis=0).astype(x.dtype))
+    squares = norms.square().reshape_flat()
+    new = PerExampleClipState(
       norm=squares.total().sqrt().to_float32(),
       clipped_fraction=jnp.mean(active.astype(jnp.float32)),
       max_example_norm=jnp.max(norms.to_float32()),

@@ -3,6 +3,7 @@ CPU emitters, one directory (and one compilation cache) for the whole run,
 the multi-process workers, hypothesis profiles, and the reduction-strategy
 fixture."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ os.environ["XLA_FLAGS"] = xla_flags.for_tests()
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
+
+import optax_gradctl as gc
 
 from . import multiprocess_launch
 
@@ -89,13 +92,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(params=["branch", "select"])
-def strategy(request, monkeypatch):
+def strategy(request):
   """Runs a test with each way the reduction rescues sums out of range: "branch"
-  (a lax.cond, the CPU's and TPU's) and "select" (the GPU's), whatever the platform."""
-  from optax_gradctl import _reduce
+  (a lax.cond, the CPU's and TPU's) and "select" (the GPU's), whatever the
+  platform, set as a user would (gc.reduction_settings)."""
+  with gc.reduction_settings(rescue=request.param):
+    yield request.param
 
-  monkeypatch.setattr(_reduce, "RESCALING", request.param)
-  return request.param
+
+@pytest.fixture
+def reduction():
+  """``reduction(**changes)`` sets gc.ReductionSettings for the rest of the test."""
+  with contextlib.ExitStack() as stack:
+    yield lambda **changes: stack.enter_context(gc.reduction_settings(**changes))
 
 
 # A script the multi-process tests launch, not a module to import: it joins a

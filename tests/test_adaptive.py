@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optax_gradctl as gc
+from optax_gradctl._zclip import ZCLIP_MODES
 
 from . import reference
 from .strategies import VARIANTS, per_variant, tree_and_magnitudes, variant_settings
@@ -94,8 +95,8 @@ def ref_zclip(norms, z_t, decay, warmup, mode, max_norm):
         }[mode]
     limit = min(cap if cap is not None else np.inf, fixed)
     out = min(x, limit)
+    mean, std = ema.report()  # the estimator the norm was judged against
     ema.enter(cap if cap is not None else x)
-    mean, std = ema.report()
     rows.append(
       {
         "out": out,
@@ -128,15 +129,17 @@ def ref_skip(norms, z_t, decay, warmup, max_consecutive):
     z = ema.z(x) if ema.warm and finite else 0.0
     spike = ema.warm and finite and z > z_t
     skip = (not finite) or (spike and run < max_consecutive)
+    mean, std = ema.report()  # the estimator the norm was judged against
+    threshold = ema.mean + z_t * (math.sqrt(ema.var) + 1e-6) if ema.warm else np.inf
     if skip:
       skips, run = skips + 1, run + 1
     else:
       run = 0
       ema.enter(x)
-    mean, std = ema.report()
     rows.append(
       {
         "skip": skip,
+        "threshold": threshold,
         "z": z,
         "skip_count": skips,
         "consecutive": run,
@@ -161,7 +164,7 @@ def run_steps(tx, norms):
 # ----------------------------------------------------------------------------- zclip
 
 
-@pytest.mark.parametrize("mode", gc._adaptive.ZCLIP_MODES)
+@pytest.mark.parametrize("mode", ZCLIP_MODES)
 @pytest.mark.parametrize("max_norm", [None, 0.9])
 def test_zclip_matches_reference_step_by_step(mode, max_norm):
   norms = planted_norms()
@@ -199,8 +202,10 @@ def test_zclip_non_finite_step_leaves_statistics_bitwise_unchanged():
     assert np.all(np.isnan(np.asarray(out["a"])))
     for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(state.ema), strict=True):
       np.testing.assert_array_equal(a, b)
-    assert new.ema_mean == state.ema_mean and new.ema_std == state.ema_std
     assert not np.isfinite(new.norm)
+    # the next step is judged as if the non-finite one had not happened
+    after_bad, after_good = step(gradient(1.0), new)[1], step(gradient(1.0), state)[1]
+    assert after_bad.ema_mean == after_good.ema_mean and after_bad.ema_std == after_good.ema_std
 
 
 def test_zclip_overflowing_finite_gradient_counts_as_infinite_z():
@@ -211,12 +216,12 @@ def test_zclip_overflowing_finite_gradient_counts_as_infinite_z():
   huge = jnp.full((4,), 3e38, jnp.float32)  # its norm overflows float32
   out, new = step(huge, state)
   assert float(new.z) == np.inf and not np.isfinite(new.norm)
-  np.testing.assert_allclose(
-    norm_of(out), float(state.ema_mean), rtol=1e-5
-  )  # adaptive cap at z=inf is the mean
+  # the adaptive cap at z=inf is the mean the norm was judged against
+  np.testing.assert_allclose(norm_of(out), float(new.ema_mean), rtol=1e-5)
+  np.testing.assert_allclose(float(new.threshold), float(new.ema_mean), rtol=1e-6)
   # the cap, not the overflowing norm, fed the EMA
-  assert np.isfinite(new.ema_mean) and float(new.ema_mean) == pytest.approx(
-    float(state.ema_mean), rel=1e-6
+  assert np.isfinite(new.ema.mean) and float(new.ema.mean) == pytest.approx(
+    float(state.ema.mean), rel=1e-6
   )
 
 
@@ -287,6 +292,10 @@ def test_skip_on_spike_matches_reference_step_by_step(max_consecutive):
       np.testing.assert_allclose(norm_of(out), norms[t], rtol=1e-5, err_msg=f"step {t}")
     assert int(state.skip_count) == ref["skip_count"], t
     assert int(state.consecutive_skips) == ref["consecutive"], t
+    assert (float(state.norm) > float(state.threshold)) == (ref["z"] > 6.0), t
+    np.testing.assert_allclose(
+      float(state.threshold), ref["threshold"], rtol=1e-5, err_msg=f"step {t}"
+    )
     np.testing.assert_allclose(
       float(state.ema_mean), ref["ema_mean"], rtol=1e-5, err_msg=f"step {t}"
     )

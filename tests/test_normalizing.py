@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import optax_gradctl as gc
-from optax_gradctl import _reduce
+from optax_gradctl._reduction.plan import SCOPES
 
 from .test_clipping import run
 
@@ -81,7 +81,7 @@ def test_zscore_is_stable_when_the_mean_dwarfs_the_spread():
 )
 def test_zscore_constant_gives_zeros(dtype, value):
   g = {"a": jnp.full((7,), value, dtype), "b": jnp.full((3, 2), value, dtype)}
-  for scope in _reduce.SCOPES:
+  for scope in SCOPES:
     out, _ = run(gc.zscore(scope=scope), g)
     for x in jax.tree.leaves(out):
       assert x.dtype == dtype

@@ -7,7 +7,11 @@ import optax
 import pytest
 
 import optax_gradctl as gc
-from optax_gradctl import _reduce
+from optax_gradctl._reduction import plan as _plan
+from optax_gradctl._reduction import pow2 as _pow2
+from optax_gradctl._reduction import reduce as _red
+from optax_gradctl._reduction.plan import SCOPES
+from optax_gradctl._reduction.reduce import NORMS
 
 from . import reference as ref
 
@@ -25,7 +29,7 @@ def _assert_norm(got, want):
     np.testing.assert_allclose(float(got), want, rtol=2e-6)
 
 
-@pytest.mark.parametrize("ord", _reduce.NORMS)
+@pytest.mark.parametrize("ord", NORMS)
 @pytest.mark.parametrize(
   "dtype,value",
   [
@@ -71,7 +75,7 @@ def test_float64_leaves_accumulate_in_float64():
     # 1 + 2e-18 is 1 in float32 and float64 alike; the point is the float64 path runs
     np.testing.assert_allclose(float(gc.global_norm(y)), 1.0)
     z = jnp.full((4,), 1e-160, jnp.float64)  # squares underflow float64
-    red = _reduce.reduce([z], norms=("l2",))
+    red = _red.reduce([z], norms=("l2",))
     np.testing.assert_allclose(float(red.l2.m[0]) * 2.0 ** int(red.l2.e[0]), 2e-160, rtol=1e-12)
 
 
@@ -89,10 +93,30 @@ def test_non_float_leaves_do_not_count():
   assert float(gc.global_norm({**tree, "scale": 12.0})) == 13.0
 
 
-def test_unknown_rescaling_strategy_raises(monkeypatch):
-  monkeypatch.setattr(_reduce, "RESCALING", "fast")
-  with pytest.raises(ValueError, match=r"RESCALING.*'fast'"):
-    gc.global_norm(jnp.ones(3))
+@pytest.mark.parametrize(
+  "changes,error,match",
+  [
+    ({"rescue": "fast"}, ValueError, r"reduction_settings: rescue must be one of .*got 'fast'"),
+    ({"stack_group": 0}, ValueError, r"stack_group must be an integer.*got 0"),
+    ({"stack_limit": 2.5}, ValueError, r"stack_limit must be an integer.*got 2.5"),
+    ({"rescues": "branch"}, TypeError, r"unknown setting\(s\) rescues; the settings are rescue"),
+  ],
+)
+def test_bad_reduction_settings_raise(changes, error, match):
+  with pytest.raises(error, match=match), gc.reduction_settings(**changes):
+    pass
+  assert gc.ReductionSettings() == gc.ReductionSettings(rescue="auto")
+
+
+def test_reduction_settings_hold_for_their_block_only():
+  """Read when a function is traced: each trace here is of a new function (a
+  function jitted before keeps its program, jax caches it by its arguments)."""
+  with gc.reduction_settings(rescue="select", stack_group=7) as inner:
+    assert (inner.rescue, inner.stack_group, inner.stack_limit) == ("select", 7, 4096)
+    jaxpr = jax.make_jaxpr(lambda t: gc.global_norm(t))(jnp.ones(5)).jaxpr
+    assert "cond" not in [e.primitive.name for e in jaxpr.eqns]
+  jaxpr = jax.make_jaxpr(lambda t: gc.global_norm(t))(jnp.ones(5))
+  assert "platform_index" in str(jaxpr)  # "auto": chosen when lowered for a platform
 
 
 def test_empty_tree_has_norm_zero():
@@ -124,13 +148,13 @@ def test_complex_leaves_are_refused():
     ([(30,)] * 250, 3),  # at most STACK_GROUP leaves per kernel
   ],
 )
-def test_common_case_reads_each_element_once(shapes, kernels, monkeypatch):
+def test_common_case_reads_each_element_once(shapes, kernels, reduction):
   """Outside the rarely taken rescaling branches, every element is read by
   one reduction; each batch of leaves has its own branch, which holds that
   batch alone (no leaf waits for the rest of the tree to be read)."""
-  monkeypatch.setattr(_reduce, "RESCALING", "branch")
+  reduction(rescue="branch")
   tree = [jnp.ones(s) for s in shapes]
-  jaxpr = jax.make_jaxpr(gc.global_norm)(tree).jaxpr
+  jaxpr = jax.make_jaxpr(lambda t: gc.global_norm(t))(tree).jaxpr
   # reductions over gradient data, not over the handful of per-leaf partial sums
   data = lambda v: v.aval.size > max(16, len(tree))  # noqa: E731
   reads = [
@@ -146,11 +170,11 @@ def test_common_case_reads_each_element_once(shapes, kernels, monkeypatch):
   assert len(held) == kernels and sum(held) == sum(x.size for x in tree), held
 
 
-def test_select_strategy_has_no_branch_and_reads_alongside(monkeypatch):
+def test_select_strategy_has_no_branch_and_reads_alongside(reduction):
   """On accelerators the rescaled sums are sibling reductions of the same pass."""
-  monkeypatch.setattr(_reduce, "RESCALING", "select")
+  reduction(rescue="select")
   tree = [jnp.ones((40,)), jnp.ones((5, 10))]
-  jaxpr = jax.make_jaxpr(gc.global_norm)(tree).jaxpr
+  jaxpr = jax.make_jaxpr(lambda t: gc.global_norm(t))(tree).jaxpr
   assert "cond" not in [e.primitive.name for e in jaxpr.eqns]
   reads = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.invars[0].aval.size > 16]
   assert sum(e.invars[0].aval.size for e in reads) == 3 * sum(x.size for x in tree)
@@ -158,11 +182,11 @@ def test_select_strategy_has_no_branch_and_reads_alongside(monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["branch", "select"])
 @pytest.mark.parametrize("value", [300.0, 1e20, 3e38, 1e-30, 0.0])
-def test_both_rescaling_strategies_agree(strategy, value, monkeypatch):
-  monkeypatch.setattr(_reduce, "RESCALING", strategy)
+def test_both_rescaling_strategies_agree(strategy, value, reduction):
+  reduction(rescue=strategy)
   dtype = jnp.float16 if value == 300.0 else jnp.float32
   tree = {"a": jnp.full((3, 5), value, dtype), "b": jnp.full((7,), -value / 2, dtype)}
-  for ord in _reduce.NORMS:
+  for ord in NORMS:
     _assert_norm(gc.global_norm(tree, ord), _ref_norm(tree, ord))
   out, _ = jax.jit(gc.clip_by_norm(1.0, scope="leaf").update)(tree, None)
   leaves = [ref.f64(x) for x in jax.tree.leaves(tree)]
@@ -173,21 +197,20 @@ def test_both_rescaling_strategies_agree(strategy, value, monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", ["branch", "select"])
-@pytest.mark.parametrize("scope", _reduce.SCOPES)
-def test_many_small_leaves_of_every_magnitude(strategy, scope, monkeypatch):
+@pytest.mark.parametrize("scope", SCOPES)
+def test_many_small_leaves_of_every_magnitude(strategy, scope, reduction):
   """Hundreds of same-shape leaves are reduced in stacked groups; with leaf
   magnitudes from 1e-30 to 1e30 the rescaled branch scales each leaf of a
   group by its own power of two."""
-  monkeypatch.setattr(_reduce, "RESCALING", strategy)
-  monkeypatch.setattr(_reduce, "STACK_GROUP", 8)  # the same grouping, in a smaller program
-  n = _reduce.STACK_GROUP + 7  # two stacked groups, the second a short one
+  reduction(rescue=strategy, stack_group=8)  # the same grouping, in a smaller program
+  n = 8 + 7  # two stacked groups, the second a short one
   rng = np.random.default_rng(0)
   exps = rng.uniform(-30, 30, n)
   leaves = [(rng.standard_normal(7) * 10.0**k).astype(np.float32) for k in exps]
   tree = [jnp.asarray(x) for x in leaves]
   want64 = [ref.f64(x) for x in leaves]
   tiny = np.finfo(np.float32).tiny  # results below it are subnormal in float32
-  for ord in _reduce.NORMS:
+  for ord in NORMS:
     out, _ = jax.jit(gc.clip_by_norm(1.0, norm=ord, scope=scope).update)(tree, None)
     for got, want in zip(out, ref.clip_by_norm(want64, 1.0, ord, scope), strict=True):
       np.testing.assert_allclose(ref.f64(got), want, rtol=2e-5, atol=tiny)
@@ -199,20 +222,18 @@ def test_many_small_leaves_of_every_magnitude(strategy, scope, monkeypatch):
     np.testing.assert_allclose(ref.f64(got), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scope", _reduce.SCOPES)
-def test_rescue_rereads_stacked_batches_and_stacks_larger_leaves(scope, monkeypatch):
+@pytest.mark.parametrize("scope", SCOPES)
+def test_rescue_rereads_stacked_batches_and_stacks_larger_leaves(scope, reduction):
   """A rescue reads the common read's stacked batches of small leaves again,
   and stacks the larger leaves that the common read reads one by one."""
-  monkeypatch.setattr(_reduce, "RESCALING", "branch")
-  monkeypatch.setattr(_reduce, "STACK_LIMIT", 5)  # leaves of 7 elements are "larger"
-  monkeypatch.setattr(_reduce, "STACK_GROUP", 4)
+  reduction(rescue="branch", stack_limit=5, stack_group=4)  # leaves of 7 elements are "larger"
   rng = np.random.default_rng(1)
   shapes = [(7,) if i % 2 else (3,) for i in range(19)]
   leaves = [
     (rng.standard_normal(s) * 10.0 ** rng.uniform(-30, 30)).astype(np.float32) for s in shapes
   ]
   tree = [jnp.asarray(x) for x in leaves]
-  plan = _reduce.make_plan(tree, scope)
+  plan = _plan.make_plan(tree, scope)
   larger = tuple(i for i, s in enumerate(shapes) if s == (7,))
   assert {b for b in plan.batches if b[0] in larger} == {(i,) for i in larger}
   assert [g for g in plan.groups if g[0] in larger] == [larger[k : k + 4] for k in (0, 4, 8)]
@@ -221,7 +242,7 @@ def test_rescue_rereads_stacked_batches_and_stacks_larger_leaves(scope, monkeypa
   ]
   want64 = [ref.f64(x) for x in leaves]
   tiny = np.finfo(np.float32).tiny
-  for ord in _reduce.NORMS:
+  for ord in NORMS:
     out, _ = jax.jit(gc.clip_by_norm(1.0, norm=ord, scope=scope).update)(tree, None)
     for got, want in zip(out, ref.clip_by_norm(want64, 1.0, ord, scope), strict=True):
       np.testing.assert_allclose(ref.f64(got), want, rtol=2e-5, atol=tiny)
@@ -233,9 +254,9 @@ def test_rescue_rereads_stacked_batches_and_stacks_larger_leaves(scope, monkeypa
 def test_pow2_helpers_are_exact():
   k = jnp.arange(-126, 128)
   np.testing.assert_array_equal(
-    np.asarray(_reduce.exp2(k, np.dtype(np.float32))), 2.0 ** np.arange(-126, 128)
+    np.asarray(_pow2.exp2(k, np.dtype(np.float32))), 2.0 ** np.arange(-126, 128)
   )
-  a, b = _reduce.split_exp2(jnp.array([-250, 250]), np.dtype(np.float32))
+  a, b = _pow2.split_exp2(jnp.array([-250, 250]), np.dtype(np.float32))
   np.testing.assert_array_equal(
     np.log2(np.asarray(a, np.float64)) + np.log2(np.asarray(b, np.float64)), [-250, 250]
   )

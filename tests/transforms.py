@@ -9,7 +9,7 @@ import jax
 import optax
 
 import optax_gradctl as gc
-from optax_gradctl import _reduce
+from optax_gradctl._reduction.leaves import is_float
 
 
 class Case(NamedTuple):
@@ -31,7 +31,7 @@ def one_example(l2_norm_clip, scope="global") -> optax.GradientTransformation:
   inner = gc.per_example_clip(l2_norm_clip, scope=scope)
 
   def update(updates, state, params=None):
-    batched = jax.tree.map(lambda x: x[None] if _reduce.is_float(x) else x, updates)
+    batched = jax.tree.map(lambda x: x[None] if is_float(x) else x, updates)
     return inner.update(batched, state, params)
 
   return optax.GradientTransformation(inner.init, update)
