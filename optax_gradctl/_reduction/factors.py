@@ -79,7 +79,7 @@ def scale_factors(
   numerator = jnp.where(active, t_m * exp2(d - k1 + 2, dtype), 1)
   ratio = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m * 4, 1)
   s1, s2 = jnp.where(split, power, ratio), jnp.where(split, ratio, power)
-  return Factors(*steering.packed(s1, s2)), active & finite
+  return Factors(s1, s2), active & finite
 
 
 def _split_target(target: ArrayLike | Pow2, dtype: np.dtype):

@@ -4,7 +4,8 @@ Nothing here changes a value. Each helper returns its input, or an exact
 rewriting of it, in a form that keeps XLA from a transformation that is
 correct but costly: merging a read with an identical one elsewhere in the
 step, copying scalar arithmetic into every leaf's kernel, folding constants
-into an overflow, or copying a donated gradient. Each docstring names the
+into an overflow, copying a donated gradient, or broadcasting scalars to
+full size. Each docstring names the
 test that fails without it; ``docs/performance.rst`` has the measurements.
 """
 
@@ -27,7 +28,7 @@ def kept_apart(x: jax.Array) -> jax.Array:
   for its norm as Adam squares it for its second moment; XLA merges the two
   squares and writes the square out in full for both to read. Guarded by
   ``tests/test_common.py::test_in_front_of_adam_writes_nothing_full_size``
-  and ``test_norm_recorded_next_to_adam_writes_nothing_full_size``.
+  (``monitor``) and ``test_norm_recorded_next_to_adam_writes_nothing_full_size``.
   """
   return lax.optimization_barrier(x)
 
@@ -38,7 +39,8 @@ def not_folded(x: jax.Array) -> jax.Array:
   The candidate scales of a rescue are powers of two whose product with a
   square is exact only in the order written: folded, ``square(y * 2**75)``
   of a one-element leaf becomes ``y**2 * 2**150``, which overflows. Guarded
-  by ``tests/test_reduce.py::test_global_norm_at_the_ends_of_the_range``.
+  by ``tests/test_whole_range.py::test_single_element_leaves_clip_exactly``
+  (the ``select`` rescue).
   """
   return lax.optimization_barrier(x)
 
@@ -46,20 +48,23 @@ def not_folded(x: jax.Array) -> jax.Array:
 def scaled_once(x: jax.Array, k: jax.Array, dtype: np.dtype) -> jax.Array:
   """``x * 2**-k``, exactly, computed once for all leaves.
 
-  XLA copies cheap scalar arithmetic into every kernel that consumes it,
-  which at thousands of leaves multiplies compile time; a divide it computes
-  once. Dividing by a power of two is exact. Guarded by
-  ``tests/test_reduce.py::test_factors_are_computed_once_for_all_leaves``.
+  XLA copies cheap scalar arithmetic into every kernel that consumes it (a
+  multiply by ``2**-k`` brings the bit arithmetic of ``exp2`` into each
+  leaf's output kernel), which at thousands of leaves multiplies compile
+  time; a divide it computes once. Dividing by a power of two is exact.
+  Guarded by ``tests/test_steering.py::test_factors_are_computed_once_for_all_leaves``.
   """
   return x / exp2(k, dtype)
 
 
 def exact_zero_after(stats: Sequence[jax.Array]) -> jax.Array:
-  """An exact float32 zero that XLA computes after every one of ``stats``.
+  """An exact float32 zero that XLA computes after every one of ``stats``,
+  once for all leaves.
 
-  It is a divide (``w * 0 / (w + 1)`` for a finite ``w`` made from all of
-  them): XLA would copy a cheap sum over every leaf's partials into each
-  consumer kernel, but not a divide.
+  It is ``w * 0 / (w + 1)`` for a finite ``w`` made from all of them: XLA
+  copies cheap scalar arithmetic into each kernel that consumes it, but not a
+  divide. Guarded by
+  ``tests/test_steering.py::test_the_ordering_zero_is_computed_once``.
   """
   if not stats:
     return jnp.zeros((), jnp.float32)
@@ -75,7 +80,8 @@ def ordered_after(x: jax.Array, *stats: jax.Array) -> jax.Array:
   copies a donated gradient so that the reductions can still read it while
   it is overwritten in place. Subtracting an exact zero made from the
   reductions orders the update after them. Guarded by
-  ``tests/test_common.py::test_donated_gradient_is_updated_in_place``.
+  ``tests/test_common.py::test_donated_gradient_is_updated_in_place``
+  (``clip_by_value``).
   """
   return x - exact_zero_after(stats).astype(x.dtype)
 
@@ -86,19 +92,9 @@ def computed_once(values: jax.Array) -> jax.Array:
   Divided by an exact one made from themselves: else XLA copies the
   arithmetic that makes each value into every output that reads it, and a
   program with G outputs grows with G**2. Guarded by
-  ``tests/test_monitor.py::test_many_groups_compile_in_one_total``.
+  ``tests/test_steering.py::test_many_group_norms_compile_in_one_total``.
   """
   return values / (1 + exact_zero_after([values]))
-
-
-def packed(*values: jax.Array) -> tuple[jax.Array, ...]:
-  """``values`` (of one shape) made by one kernel: stacked, behind a barrier
-  that keeps XLA from taking the stack apart again. Each would otherwise be a
-  kernel of its own, with its own compile time. Guarded by
-  ``tests/test_reduce.py::test_factors_are_computed_once_for_all_leaves``.
-  """
-  stacked = lax.optimization_barrier(jnp.stack(values))
-  return tuple(stacked[i] for i in range(len(values)))
 
 
 def own_copies(scalars, batch: jax.Array):
@@ -106,6 +102,7 @@ def own_copies(scalars, batch: jax.Array):
 
   Else XLA writes out a full-size broadcast of each scalar (a constant, for
   concrete bounds) and shares it among the batches' kernels. Guarded by
-  ``tests/test_common.py::test_in_front_of_adam_writes_nothing_full_size``.
+  ``tests/test_common.py::test_in_front_of_adam_writes_nothing_full_size``
+  (``clip_by_value``).
   """
   return lax.optimization_barrier((scalars, batch))
