@@ -40,8 +40,8 @@ CASES = {
     "exact output alone": "exact_output(0.5)",
   },
   "clip_by_value": {"gradctl": "gc.clip_by_value(1.0)", "optax": "optax.clip(1.0)"},
-  "clip_by_value(stats=False)": {
-    "gradctl": "gc.clip_by_value(1.0, stats=False)",
+  "clip_by_value(stats=True)": {
+    "gradctl": "gc.clip_by_value(1.0, stats=True)",
     "optax": "optax.clip(1.0)",
   },
   "zscore": {"gradctl": "gc.zscore()", "jnp": "JNP_ZSCORE"},

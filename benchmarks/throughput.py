@@ -79,8 +79,8 @@ def implementations() -> dict[str, dict[str, Callable]]:
       "gradctl": tx_fn(lambda: gc.clip_by_value(1e-3)),
       "optax": tx_fn(lambda: optax.clip(1e-3)),
     },
-    "clip_by_value(stats=False)": {
-      "gradctl": tx_fn(lambda: gc.clip_by_value(1e-3, stats=False)),
+    "clip_by_value(stats=True)": {
+      "gradctl": tx_fn(lambda: gc.clip_by_value(1e-3, stats=True)),
       "optax": tx_fn(lambda: optax.clip(1e-3)),
     },
     "clip_by_global_norm": {
@@ -101,14 +101,14 @@ def implementations() -> dict[str, dict[str, Callable]]:
 # bytes moved per element at the minimum: (read-only passes, read-write passes)
 PASSES = {
   "clip_by_value": (0, 1),
-  "clip_by_value(stats=False)": (0, 1),
+  "clip_by_value(stats=True)": (0, 1),
   "clip_by_global_norm": (1, 1),
   "unit_rescale": (1, 1),
   "zscore": (1, 1),
 }
 TORCH = {
   "clip_by_value": "clip_grad_value_",
-  "clip_by_value(stats=False)": "clip_grad_value_",
+  "clip_by_value(stats=True)": "clip_grad_value_",
   "clip_by_global_norm": "clip_grad_norm_",
   "unit_rescale": "clip_grad_norm_",
   "zscore": "clip_grad_norm_",

@@ -130,7 +130,7 @@ def make_tx(name: str, cfg: argparse.Namespace) -> optax.GradientTransformation:
   if name == "none":
     control = gc.clip_by_global_norm(jnp.inf)  # changes nothing; records the norm
   elif name == "clip_by_value":
-    control = gc.clip_by_value(cfg.clip_value)
+    control = gc.clip_by_value(cfg.clip_value, stats=True)
   elif name == "clip_by_global_norm":
     control = gc.clip_by_global_norm(cfg.max_norm)
   elif name == "unit_rescale":
@@ -160,7 +160,7 @@ ADAPTIVE = (
   "adaptive_grad_clip",
 )
 ALL_CONTROLS = CONTROLS + ADAPTIVE
-LOSS_AWARE = ("skip_on_loss_spike",)  # given the loss: tx.update(grads, state, params, loss=loss)
+LOSS_AWARE = ("skip_on_loss_spike",)  # given the loss: tx.update(grads, state, params, value=loss)
 
 
 def make_optimizer(cfg: argparse.Namespace) -> optax.GradientTransformation:
@@ -209,7 +209,7 @@ def make_runner(control: str, cfg: argparse.Namespace):
       targets = jnp.where(spike, targets * cfg.spike_scale, targets)
     loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets)
     groups = group_norms(grads)
-    opt.update(model, grads, **({"loss": loss} if control in LOSS_AWARE else {}))
+    opt.update(model, grads, **({"value": loss} if control in LOSS_AWARE else {}))
     norm = next(v for k, v in gc.stats(opt.opt_state).items() if k.endswith("/norm"))
     return nnx.state((model, opt)), (loss, norm, groups)
 

@@ -15,7 +15,14 @@ from optax_gradctl._reduction.leaves import split_floats
 from optax_gradctl._reduction.mesh import AxisName, float_axes
 from optax_gradctl._reduction.pow2 import Pow2
 from optax_gradctl._reduction.reduce import Reduction, reduce
-from optax_gradctl._validation import check_number
+from optax_gradctl._validation import (
+  COUNT,
+  OPEN_UNIT,
+  POSITIVE,
+  check_number,
+  nan_unless,
+  traced_ok,
+)
 
 
 @_stats.register("adagc", ("norm", "clipped_fraction", "thresholds"))
@@ -101,10 +108,10 @@ def adagc(
     Pretraining (AdaGC) <https://arxiv.org/abs/2502.11034>`_, 2025
   """
   owner = "adagc"
-  check_number(owner, "beta", beta, low=0.0, high=1.0, low_open=True, high_open=True)
-  check_number(owner, "lambda_abs", lambda_abs, low=0.0, low_open=True)
-  check_number(owner, "lambda_rel", lambda_rel, low=0.0, low_open=True)
-  check_number(owner, "warmup_steps", warmup_steps, low=1.0, allow_inf=False, integer=True)
+  check_number(owner, "beta", beta, OPEN_UNIT)
+  check_number(owner, "lambda_abs", lambda_abs, POSITIVE)
+  check_number(owner, "lambda_rel", lambda_rel, POSITIVE)
+  check_number(owner, "warmup_steps", warmup_steps, COUNT)
 
   def init_fn(params: Any) -> AdaGCState:
     n = len(split_floats(params)[0])
@@ -123,7 +130,10 @@ def adagc(
       return rebuild(floats), state
     axes = float_axes(axis_name, updates)
     red = reduce(floats, scope="leaf", norms=("l2",), axes=axes)
-    finite = jnp.all(jnp.isfinite(red.l2.m))
+    ok = traced_ok(
+      [(beta, OPEN_UNIT), (lambda_abs, POSITIVE), (lambda_rel, POSITIVE), (warmup_steps, COUNT)]
+    )
+    finite = jnp.all(jnp.isfinite(red.l2.m)) & (True if ok is None else ok)
     warm = state.count + 1 >= jnp.asarray(warmup_steps).astype(jnp.int32)
     factors, active, clipped_norms, caps = _adagc_clip(
       red, state.gamma, warm, lambda_abs, lambda_rel
@@ -137,6 +147,7 @@ def adagc(
       gamma=keep(gamma, state.gamma),
       count=keep(state.count + 1, state.count),
     )
+    factors = factors._replace(s1=nan_unless(ok, factors.s1))
     return rebuild(rescale(floats, "leaf", factors)), new
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -12,7 +12,9 @@ from jax.typing import ArrayLike
 from optax_gradctl import _stats
 from optax_gradctl._reduction.mesh import AxisName
 from optax_gradctl._reduction.reduce import reduce_tree, rescaled_to_norm
-from optax_gradctl._validation import check_number, concrete
+from optax_gradctl._validation import COUNT, Range, check_number, concrete, nan_unless, traced_ok
+
+PERCENTILE = Range(low=0.0, high=100.0)
 
 
 @_stats.register("autoclip", ("norm", "threshold", "clipped_fraction"))
@@ -79,8 +81,8 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
   owner = "autoclip"
-  check_number(owner, "percentile", percentile, low=0.0, high=100.0)
-  check_number(owner, "history", history, low=1.0, allow_inf=False, integer=True)
+  check_number(owner, "percentile", percentile, PERCENTILE)
+  check_number(owner, "history", history, COUNT)
 
   def init_fn(params: Any) -> AutoClipState:
     del params
@@ -105,13 +107,15 @@ def autoclip(
     del params
     floats, rebuild, red = reduce_tree(updates, axis_name, norms=("l2",))
     norm = red.norm
-    finite = enter = jnp.all(jnp.isfinite(red.l2.m))  # an overflowing norm enters as +inf
+    finite = jnp.all(jnp.isfinite(red.l2.m))  # an overflowing norm enters as +inf
+    ok = traced_ok([(percentile, PERCENTILE)])
+    enter = finite if ok is None else finite & ok
     buffer = state.history
     n = buffer.shape[0]  # read from the state, never from a traced argument
     slot = state.count % n
     buffer = jnp.where(enter, buffer.at[slot].set(norm), buffer)
     count = state.count + enter.astype(jnp.int32)
-    threshold = _percentile(buffer, jnp.minimum(count, n), percentile)
+    threshold = nan_unless(ok, _percentile(buffer, jnp.minimum(count, n), percentile))
     out, clipped = rescaled_to_norm(floats, red, "l2", "global", threshold, clip=True)
     new = AutoClipState(
       norm=norm,

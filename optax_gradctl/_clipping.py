@@ -16,7 +16,14 @@ from optax_gradctl._reduction.leaves import acc_dtype, split_floats
 from optax_gradctl._reduction.mesh import AxisName, float_axes
 from optax_gradctl._reduction.plan import SCOPES, Scope
 from optax_gradctl._reduction.reduce import NORMS, NormOrd, reduce, reduce_tree, rescaled_to_norm
-from optax_gradctl._validation import check_choice, check_number, concrete
+from optax_gradctl._validation import (
+  NON_NEGATIVE,
+  check_choice,
+  check_number,
+  concrete,
+  nan_unless,
+  traced_ok,
+)
 
 
 @_stats.register("clip_by_value")
@@ -37,6 +44,14 @@ class ClipByNormState(NamedTuple):
   norm: jax.Array
   #: float32 scalar: the fraction of scopes rescaled.
   clipped_fraction: jax.Array
+  #: float32 scalar: the ``max_norm`` applied at this step (a schedule's value
+  #: under ``inject_hyperparams``).
+  threshold: jax.Array
+  #: float32 scalar: the norm that was compared with ``threshold``, in the
+  #: order ``norm=`` names: of the whole gradient with ``scope="global"``
+  #: (PyTorch's ``clip_grad_norm_`` returns it), the largest leaf's with
+  #: ``scope="leaf"``.
+  compared_norm: jax.Array
 
 
 @_stats.register("clip_by_global_norm")
@@ -48,7 +63,7 @@ def clip_by_value(
   max_value: ArrayLike,
   min_value: ArrayLike | None = None,
   *,
-  stats: bool = True,
+  stats: bool = False,
   axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """Clamps every gradient element to ``[min_value, max_value]``.
@@ -56,13 +71,18 @@ def clip_by_value(
   .. math::
     g_i \\leftarrow \\min(\\max(g_i, \\text{min\\_value}), \\text{max\\_value})
 
-  Unlike ``optax.clip``, the interval need not be symmetric. NaN stays NaN;
-  ``+inf`` and ``-inf`` clamp to the bounds. Each element is clamped in float32
-  (or float64) and cast back, so a 16-bit gradient keeps its dtype.
+  Unlike ``optax.clip``, the interval need not be symmetric; equal bounds set
+  every element to that value. NaN stays NaN; ``+inf`` and ``-inf`` clamp to
+  the bounds. An element within the bounds comes back bitwise unchanged,
+  subnormal ones included (a clamp on a CPU flushes them). Each element is
+  clamped in float32 (or float64) and cast back, so a 16-bit gradient keeps
+  its dtype.
 
-  The clamp alone costs what ``optax.clip`` costs: it fuses into the
-  optimizer's own kernel. Recording the statistics reads the gradient once
-  more; ``stats=False`` skips them.
+  The clamp costs what ``optax.clip`` costs: it fuses into the optimizer's
+  own kernel. Statistics are recorded only when asked for (``stats=True``):
+  they read the gradient twice more, for the norm and for the count of
+  clamped elements, which in a CPU Adam step costs about as much as the step
+  itself (``docs/performance.rst``).
 
   Args:
     max_value: the upper bound.
@@ -77,7 +97,7 @@ def clip_by_value(
     incoming gradient) and ``clipped_fraction`` (the fraction of elements that
     were clamped: 0 with no elements, NaN, like ``norm``, when the gradient
     holds NaN; an element equal to an infinite bound is not clamped). With
-    ``stats=False`` the state is ``optax.EmptyState()``.
+    ``stats=False`` (the default) the state is ``optax.EmptyState()``.
 
   Raises:
     ValueError: if a bound is ``None`` where a number is needed, or NaN, or
@@ -87,7 +107,7 @@ def clip_by_value(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_gradctl as gc
-    >>> tx = gc.clip_by_value(1.0)
+    >>> tx = gc.clip_by_value(1.0, stats=True)
     >>> g = jnp.array([0.7, 1.1, 3.4])
     >>> updates, state = tx.update(g, tx.init(g))
     >>> updates
@@ -96,10 +116,8 @@ def clip_by_value(
     0.6667
   """
   owner = "clip_by_value"
-  if max_value is None:
-    raise ValueError(f"{owner}: max_value must be a number, got None")
   check_number(owner, "max_value", max_value)
-  check_number(owner, "min_value", min_value)
+  check_number(owner, "min_value", min_value, optional=True)
   hi, lo = concrete(max_value), concrete(min_value)
   if min_value is None and hi is not None and hi < 0:
     raise ValueError(f"{owner}: max_value must be >= 0 when min_value is None, got {max_value!r}")
@@ -117,20 +135,32 @@ def clip_by_value(
   def update_fn(updates, state, params=None):
     del params
     floats, rebuild = split_floats(updates)
-    acc = acc_dtype(floats)
-    upper = jnp.asarray(max_value, acc)
-    lower = -upper if min_value is None else jnp.asarray(min_value, acc)
+    lower, upper = _bounds(max_value, min_value, acc_dtype(floats))
     if not stats:
-      return rebuild(apply(floats, "global", jnp.clip, lower[None], upper[None])), state
+      return rebuild(apply(floats, "global", _clamp, lower[None], upper[None])), state
     axes = float_axes(axis_name, updates)
     red = reduce(floats, axes=axes)
     fraction = fraction_outside(floats, lower, upper, axes=axes)
-    clamped = apply(
-      floats, "global", jnp.clip, lower[None], upper[None], after=(red.norm, fraction)
-    )
+    clamped = apply(floats, "global", _clamp, lower[None], upper[None], after=(red.norm, fraction))
     return rebuild(clamped), ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array]:
+  """The bounds in ``acc``; both NaN where traced ones are NaN or crossed."""
+  upper = jnp.asarray(max_value, acc)
+  lower = -upper if min_value is None else jnp.asarray(min_value, acc)
+  if isinstance(max_value, jax.core.Tracer) or isinstance(min_value, jax.core.Tracer):
+    ok = lower <= upper  # false for a NaN bound too
+    lower, upper = nan_unless(ok, lower), nan_unless(ok, upper)
+  return lower, upper
+
+
+def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
+  """``x`` clamped to ``[lower, upper]``; an element within them is ``x``'s
+  own, bitwise (a NaN bound makes every element NaN)."""
+  return jnp.where((x >= lower) & (x <= upper), x, jnp.clip(x, lower, upper))
 
 
 def clip_by_norm(
@@ -166,8 +196,9 @@ def clip_by_norm(
   Returns:
     An :class:`optax.GradientTransformation` whose state,
     :class:`ClipByNormState`, holds ``norm`` (the global L2 norm of the
-    incoming gradient) and ``clipped_fraction`` (the fraction of scopes that
-    were rescaled).
+    incoming gradient), ``clipped_fraction`` (the fraction of scopes that
+    were rescaled), ``threshold`` (the ``max_norm`` applied) and
+    ``compared_norm`` (the norm compared with it, as ``norm=`` says).
 
   Raises:
     ValueError: if ``max_norm`` is negative or NaN, or ``norm`` or ``scope``
@@ -210,8 +241,9 @@ def clip_by_global_norm(
 
   Returns:
     An :class:`optax.GradientTransformation` whose state,
-    :class:`ClipByGlobalNormState`, holds ``norm`` and ``clipped_fraction``
-    (1.0 when the step was clipped, else 0.0).
+    :class:`ClipByGlobalNormState`, holds ``norm``, ``clipped_fraction``
+    (1.0 when the step was clipped, else 0.0), ``threshold`` and
+    ``compared_norm``, as :func:`clip_by_norm`'s.
 
   Raises:
     ValueError: if ``max_norm`` is negative or NaN, or ``norm`` is unknown.
@@ -237,19 +269,26 @@ def clip_by_global_norm(
 def _clip_by_norm(
   max_norm, norm, scope, axis_name, owner, state_type
 ) -> optax.GradientTransformation:
-  check_number(owner, "max_norm", max_norm, low=0.0)
+  check_number(owner, "max_norm", max_norm, NON_NEGATIVE)
   check_choice(owner, "norm", norm, NORMS)
   check_choice(owner, "scope", scope, SCOPES)
 
   def init_fn(params: Any):
     del params
-    return state_type(norm=_stats.zeros(), clipped_fraction=_stats.zeros())
+    return state_type(*(_stats.zeros() for _ in state_type._fields))
 
   def update_fn(updates, state, params=None):
     del params
     floats, rebuild, red = reduce_tree(updates, axis_name, scope=scope, norms=(norm,))
-    out, clipped = rescaled_to_norm(floats, red, norm, scope, max_norm, clip=True)
-    fraction = jnp.mean(clipped.astype(jnp.float32)) if floats else _stats.zeros()
-    return rebuild(out), state_type(norm=red.norm, clipped_fraction=fraction)
+    target = nan_unless(traced_ok([(max_norm, NON_NEGATIVE)]), max_norm)
+    out, clipped = rescaled_to_norm(floats, red, norm, scope, target, clip=True)
+    if not floats:
+      return rebuild(out), init_fn(None)._replace(threshold=_stats.as_statistic(max_norm))
+    return rebuild(out), state_type(
+      norm=red.norm,
+      clipped_fraction=jnp.mean(clipped.astype(jnp.float32)),
+      threshold=_stats.as_statistic(max_norm),
+      compared_norm=jnp.max(getattr(red, norm).to_float32()),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

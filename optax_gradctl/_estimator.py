@@ -9,14 +9,14 @@ which it is an outlier, are read from the state *before* the value enters.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from optax_gradctl import _stats
-from optax_gradctl._validation import check_number
+from optax_gradctl._validation import COUNT, OPEN_UNIT, POSITIVE, Range, check_number
 
 EPS = 1e-6  # added to the std in z = (x - mean) / (std + eps), as in ZClip
 
@@ -117,7 +117,21 @@ def mean_and_std(ema: EmaState, warmup_steps) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.sqrt(jnp.maximum(var, 0.0))
 
 
+def _ranges(z_threshold, decay, warmup_steps) -> list[tuple[str, Any, Range]]:
+  return [
+    ("z_threshold", z_threshold, POSITIVE),
+    ("decay", decay, OPEN_UNIT),
+    ("warmup_steps", warmup_steps, COUNT),
+  ]
+
+
 def check_estimator_args(owner: str, z_threshold, decay, warmup_steps) -> None:
-  check_number(owner, "z_threshold", z_threshold, low=0.0, low_open=True)
-  check_number(owner, "decay", decay, low=0.0, high=1.0, low_open=True, high_open=True)
-  check_number(owner, "warmup_steps", warmup_steps, low=1.0, allow_inf=False, integer=True)
+  """Raises ``ValueError`` for a concrete argument out of range (see
+  :mod:`optax_gradctl._validation`)."""
+  for name, value, allowed in _ranges(z_threshold, decay, warmup_steps):
+    check_number(owner, name, value, allowed)
+
+
+def estimator_checks(z_threshold, decay, warmup_steps) -> list[tuple[Any, Range]]:
+  """The arguments and their ranges, for :func:`~optax_gradctl._validation.traced_ok`."""
+  return [(v, r) for _, v, r in _ranges(z_threshold, decay, warmup_steps)]

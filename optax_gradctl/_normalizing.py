@@ -16,7 +16,16 @@ from optax_gradctl._reduction.moments import Moments
 from optax_gradctl._reduction.plan import SCOPES, Scope
 from optax_gradctl._reduction.pow2 import Pow2, safe_sqrt
 from optax_gradctl._reduction.reduce import NORMS, NormOrd, reduce_tree, rescaled_to_norm
-from optax_gradctl._validation import check_choice, check_number, concrete
+from optax_gradctl._validation import (
+  Range,
+  check_choice,
+  check_number,
+  concrete,
+  nan_unless,
+  traced_ok,
+)
+
+DDOF = Range(low=0.0, allow_inf=False)
 
 
 @_stats.register("unit_rescale")
@@ -146,7 +155,7 @@ def zscore(
   """
   owner = "zscore"
   check_choice(owner, "scope", scope, SCOPES)
-  check_number(owner, "ddof", ddof, low=0.0, allow_inf=False)
+  check_number(owner, "ddof", ddof, DDOF)
   state_type = ZScoreState if scope == "global" else ZScoreLeafState
 
   def init_fn(params: Any):
@@ -178,7 +187,7 @@ def _std(mom: Moments, ddof: Any, owner: str) -> jax.Array:
   dof = _degrees_of_freedom(mom.n, ddof, owner).astype(mom.m2.dtype)
   undefined = jnp.where(mom.n == 0, 0.0, jnp.nan)  # an empty scope has std 0
   var = jnp.where(dof > 0, mom.m2 / jnp.where(dof > 0, dof, 1), undefined)
-  return safe_sqrt(var)
+  return nan_unless(traced_ok([(ddof, DDOF)]), safe_sqrt(var))
 
 
 def _standardized(floats, scope: Scope, mom: Moments, std: jax.Array) -> list[jax.Array]:

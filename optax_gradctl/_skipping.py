@@ -12,7 +12,9 @@ from jax.typing import ArrayLike
 from optax_gradctl import _estimator, _stats
 from optax_gradctl._reduction.mesh import AxisName
 from optax_gradctl._reduction.reduce import reduce_tree
-from optax_gradctl._validation import check_number
+from optax_gradctl._validation import POSITIVE, Range, check_number, traced_ok
+
+MAX_CONSECUTIVE = Range(low=0.0, allow_inf=False, integer=True)
 
 
 @_stats.register(
@@ -50,10 +52,12 @@ class SkipOnSpikeState(NamedTuple):
   ema_std: jax.Array
   #: float32 scalar: the loss passed with the step (0 without one).
   loss: jax.Array
-  #: float32 scalar: the bound applied to this step's loss (+inf during
-  #: warm-up or without a loss).
+  #: float32 scalar: the bound applied to this step's loss, the last accepted
+  #: loss plus the largest rise let through (+inf during warm-up or without a
+  #: loss).
   loss_threshold: jax.Array
-  #: float32 scalar: the z-score of the loss (0 during warm-up or without a loss).
+  #: float32 scalar: the z-score of the loss's change (0 during warm-up or
+  #: without a loss).
   loss_z: jax.Array
   #: float32 scalar: 1.0 when this step was skipped.
   skipped: jax.Array
@@ -69,8 +73,11 @@ class SkipOnSpikeState(NamedTuple):
   consecutive_skips: jax.Array
   #: The norm's estimator, after this step.
   ema: _estimator.EmaState
-  #: The loss's estimator, after this step.
+  #: The estimator of the loss's change from one accepted step to the next,
+  #: after this step.
   loss_ema: _estimator.EmaState
+  #: float32 scalar: the loss of the last step not skipped (NaN before one).
+  last_loss: jax.Array
   #: ``inner``'s state, untouched by a skipped step.
   inner_state: Any
 
@@ -95,12 +102,19 @@ def skip_on_spike(
   zero updates and leaves ``inner``'s state untouched, so Adam's moments are
   not polluted, and its norm does not enter the statistics.
 
-  The loss of the step may be passed too, through optax's extra arguments:
-  ``tx.update(grads, state, params, loss=loss)``. It is tracked the same way,
-  by its own estimator, and a step whose loss is non-finite, or a z-score
-  outlier above ``loss_z_threshold``, is skipped as well. Without a loss the
-  transform behaves as if it had no loss statistics. Extra arguments,
-  ``loss`` included, are passed on to ``inner``.
+  The loss of the step may be passed too, as optax passes it, through the
+  extra argument ``value``: ``tx.update(grads, state, params, value=loss)``,
+  so that one call serves ``optax.contrib.reduce_on_plateau`` in the same
+  chain. It must be a scalar. A step whose loss is non-finite is skipped, and
+  so is one whose loss *rose* by an outlier: the change from the last
+  accepted loss is judged, by the same estimator, against the changes before
+  it, with ``loss_z_threshold``. Judging the change, not the level, keeps a
+  loss that falls steeply, early in training, from hiding a spike: a level's
+  spread over such a descent is the descent itself, which a jump of 100
+  times the loss need not exceed by six standard deviations. Without a loss
+  the transform behaves as if it had no loss statistics. Extra arguments, ``value``
+  included, are passed on to ``inner``; ``loss=`` raises ``TypeError``
+  rather than being ignored.
 
   So that training cannot stall, after ``max_consecutive`` skips in a row the
   next finite step passes whatever its z; its norm and loss enter the
@@ -121,14 +135,22 @@ def skip_on_spike(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state,
-    :class:`SkipOnSpikeState`, records the norm's ``norm``, ``threshold``,
-    ``z``, ``ema_mean`` and ``ema_std``; the loss's ``loss``,
-    ``loss_threshold`` and ``loss_z``; whether the step was ``skipped`` and
+    :class:`SkipOnSpikeState`, records the norm's ``norm``, ``threshold``
+    (the bound this step's norm was judged against: ``mu + z_threshold *
+    (sigma + 1e-6)``, +inf during warm-up), ``z``, ``ema_mean`` and
+    ``ema_std`` (the ``mu`` and ``sigma`` of that bound, before this step
+    entered the estimator); the loss's ``loss``, ``loss_threshold`` (the
+    last accepted loss plus the largest rise let through) and ``loss_z`` (of
+    its change); whether the step was ``skipped`` and
     why (``nonfinite``, ``norm_spike``, ``loss_spike``: 0 or 1 each); and
     ``skip_count`` and ``consecutive_skips``. It holds ``inner``'s state.
 
   Raises:
-    ValueError: if an argument is out of range or NaN.
+    ValueError: if an argument is out of range, NaN or ``None``; in
+      ``update``, if ``value`` is not a scalar.
+    TypeError: if ``inner`` is not an ``optax.GradientTransformation`` (an
+      optimizer factory such as ``optax.adamw`` itself, uncalled); in
+      ``update``, for ``loss=``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -136,15 +158,15 @@ def skip_on_spike(
     >>> tx = gc.skip_on_spike(optax.sgd(1.0), warmup_steps=3)
     >>> state = tx.init(jnp.zeros(1))
     >>> for g, loss in [(1.0, 2.0), (1.1, 2.1), (0.9, 1.9), (1.0, 2.0), (1.0, 90.0)]:
-    ...   updates, state = tx.update(jnp.array([g]), state, loss=loss)
+    ...   updates, state = tx.update(jnp.array([g]), state, value=loss)
     >>> float(updates[0]), int(state.skip_count), float(state.loss_spike), float(state.norm_spike)
     (0.0, 1, 1.0, 0.0)
   """
   owner = "skip_on_spike"
+  _check_inner(inner)
   _estimator.check_estimator_args(owner, z_threshold, decay, warmup_steps)
-  if loss_z_threshold is not None:
-    check_number(owner, "loss_z_threshold", loss_z_threshold, low=0.0, low_open=True)
-  check_number(owner, "max_consecutive", max_consecutive, low=0.0, allow_inf=False, integer=True)
+  check_number(owner, "loss_z_threshold", loss_z_threshold, POSITIVE, optional=True)
+  check_number(owner, "max_consecutive", max_consecutive, MAX_CONSECUTIVE)
   inner = optax.with_extra_args_support(inner)
   rules = _Rules(
     z_threshold,
@@ -153,28 +175,77 @@ def skip_on_spike(
     warmup_steps,
     max_consecutive,
   )
+  checks = [
+    *_estimator.estimator_checks(rules.z_threshold, decay, warmup_steps),
+    (rules.loss_z_threshold, POSITIVE),
+    (max_consecutive, MAX_CONSECUTIVE),
+  ]
 
   def init_fn(params: Any) -> SkipOnSpikeState:
     z, inf, zero = _stats.zeros(), jnp.asarray(jnp.inf, jnp.float32), jnp.zeros((), jnp.int32)
     statistics = dict.fromkeys(SkipOnSpikeState._fields[:14], z)
     statistics.update(threshold=inf, loss_threshold=inf, skip_count=zero, consecutive_skips=zero)
-    ema = _estimator.ema_init()
-    return SkipOnSpikeState(**statistics, ema=ema, loss_ema=ema, inner_state=inner.init(params))
+    ema, none = _estimator.ema_init(), jnp.asarray(jnp.nan, jnp.float32)
+    return SkipOnSpikeState(
+      **statistics, ema=ema, loss_ema=ema, last_loss=none, inner_state=inner.init(params)
+    )
 
-  def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    _check_extra_args(value, extra_args)
     _, _, red = reduce_tree(updates, axis_name, norms=("l2",))
-    seen = _Seen.of(state, red, loss, rules)
-    if loss is not None:
-      extra_args = {**extra_args, "loss": loss}
+    seen = _Seen.of(state, red, value, rules)
+    if value is not None:
+      extra_args = {**extra_args, "value": value}
+    ok = traced_ok(checks)
     let_through = state.consecutive_skips >= jnp.asarray(max_consecutive).astype(jnp.int32)
     skip = ~seen.finite | ((seen.norm.spike | seen.loss.spike) & ~let_through)
+    skip = skip if ok is None else skip | ~ok  # nothing enters; the update is NaN
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
     inner_state = jax.tree.map(keep, inner_state, state.inner_state)
-    out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), inner_updates)
-    return out, _next_state(state, red.norm, seen, skip, loss is not None, rules, inner_state)
+    out = jax.tree.map(lambda u: _skipped(u, skip, ok), inner_updates)
+    return out, _next_state(state, red.norm, seen, skip, value is not None, rules, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_inner(inner: Any) -> None:
+  if isinstance(inner, optax.GradientTransformation):
+    return
+  name = getattr(inner, "__qualname__", type(inner).__name__)
+  hint = (
+    f"; {name} is a function that makes one: call it, e.g. skip_on_spike({name}(1e-3))"
+    if callable(inner)
+    else ""
+  )
+  raise TypeError(
+    f"skip_on_spike: inner must be an optax.GradientTransformation (an optimizer or a"
+    f" chain), got {inner!r}{hint}"
+  )
+
+
+def _check_extra_args(value: Any, extra_args: dict) -> None:
+  """The loss comes as ``value=``, a scalar; ``loss=`` is refused, never ignored."""
+  if "loss" in extra_args:
+    raise TypeError(
+      "skip_on_spike: pass the loss as value=, optax's name for it (as"
+      " optax.contrib.reduce_on_plateau reads it): tx.update(grads, state, params,"
+      " value=loss); got loss="
+    )
+  if value is not None and jnp.ndim(value) != 0:
+    raise ValueError(
+      f"skip_on_spike: value (the step's loss) must be a scalar, got shape"
+      f" {jnp.shape(value)}; pass the mean loss of the batch"
+    )
+
+
+def _skipped(u: jax.Array, skip: jax.Array, ok: jax.Array | None) -> jax.Array:
+  """A leaf of the update: zeros where the step is skipped, NaN where a
+  traced hyperparameter is out of range."""
+  out = jnp.where(skip, jnp.zeros_like(u), u)
+  if ok is None or not jnp.issubdtype(u.dtype, jnp.inexact):
+    return out
+  return jnp.where(ok, out, jnp.nan)
 
 
 class _Rules(NamedTuple):
@@ -193,6 +264,7 @@ class _Seen(NamedTuple):
   norm: _estimator.Outlier
   loss: _estimator.Outlier
   loss_value: jax.Array  # float32, 0 without a loss
+  loss_change: jax.Array  # float32: from the last accepted loss (NaN without one)
   finite: jax.Array  # bool: the gradient and the loss
 
   @staticmethod
@@ -201,13 +273,13 @@ class _Seen(NamedTuple):
     z_norm = _estimator.outlier(state.ema, red.norm, finite, rules.z_threshold, rules.warmup_steps)
     if loss is None:
       quiet = _estimator.Outlier(_stats.zeros(), jnp.zeros((), bool))
-      return _Seen(z_norm, quiet, _stats.zeros(), finite)
+      return _Seen(z_norm, quiet, _stats.zeros(), jnp.asarray(jnp.nan, jnp.float32), finite)
     value = jnp.asarray(loss, jnp.float32)
-    ok = jnp.isfinite(value)
+    change = value - state.last_loss
     z_loss = _estimator.outlier(
-      state.loss_ema, value, ok, rules.loss_z_threshold, rules.warmup_steps
+      state.loss_ema, change, jnp.isfinite(change), rules.loss_z_threshold, rules.warmup_steps
     )
-    return _Seen(z_norm, z_loss, value, finite & ok)
+    return _Seen(z_norm, z_loss, value, change, finite & jnp.isfinite(value))
 
 
 def _next_state(state, norm, seen: _Seen, skip, has_loss: bool, rules: _Rules, inner_state):
@@ -216,11 +288,14 @@ def _next_state(state, norm, seen: _Seen, skip, has_loss: bool, rules: _Rules, i
   it was skipped."""
   warmup, decay = rules.warmup_steps, rules.decay
   ema = _estimator.ema_update(state.ema, norm, ~skip & jnp.isfinite(norm), warmup, decay)
-  loss_ema = state.loss_ema
+  loss_ema, last_loss = state.loss_ema, state.last_loss
   if has_loss:
-    loss_ema = _estimator.ema_update(loss_ema, seen.loss_value, ~skip, warmup, decay)
+    enter = ~skip & jnp.isfinite(seen.loss_change)
+    loss_ema = _estimator.ema_update(loss_ema, seen.loss_change, enter, warmup, decay)
+    last_loss = jnp.where(skip, last_loss, seen.loss_value)
   ema_mean, ema_std = _estimator.mean_and_std(state.ema, warmup)
-  loss_bound = _estimator.bound(state.loss_ema, rules.loss_z_threshold, warmup)
+  rise = _estimator.bound(state.loss_ema, rules.loss_z_threshold, warmup)
+  loss_bound = jnp.where(jnp.isfinite(state.last_loss), state.last_loss + rise, jnp.inf)
   skip_i = skip.astype(jnp.int32)
   as_f32 = lambda b: b.astype(jnp.float32)  # noqa: E731
   return SkipOnSpikeState(
@@ -240,5 +315,6 @@ def _next_state(state, norm, seen: _Seen, skip, has_loss: bool, rules: _Rules, i
     consecutive_skips=(state.consecutive_skips + 1) * skip_i,
     ema=ema,
     loss_ema=loss_ema,
+    last_loss=last_loss,
     inner_state=inner_state,
   )

@@ -16,7 +16,16 @@ from optax_gradctl._reduction.finer import example_norms, unit_norms
 from optax_gradctl._reduction.leaves import float_positions, split_floats
 from optax_gradctl._reduction.plan import SCOPES, Scope
 from optax_gradctl._reduction.pow2 import Pow2
-from optax_gradctl._validation import check_choice, check_number
+from optax_gradctl._validation import (
+  NON_NEGATIVE,
+  Range,
+  check_choice,
+  check_number,
+  nan_unless,
+  traced_ok,
+)
+
+EPS_RANGE = Range(low=0.0, allow_inf=False)
 
 UnitAxis = int | tuple[int, ...] | None
 
@@ -41,6 +50,8 @@ class PerExampleClipState(NamedTuple):
   clipped_fraction: jax.Array
   #: float32 scalar: the largest example's norm.
   max_example_norm: jax.Array
+  #: float32 scalar: the ``l2_norm_clip`` applied at this step.
+  threshold: jax.Array
 
 
 # --------------------------------------------------------------------------- AGC
@@ -123,8 +134,8 @@ def adaptive_grad_clip(
     Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
   """
   owner = "adaptive_grad_clip"
-  check_number(owner, "clipping", clipping, low=0.0)
-  check_number(owner, "eps", eps, low=0.0, allow_inf=False)
+  check_number(owner, "clipping", clipping, NON_NEGATIVE)
+  check_number(owner, "eps", eps, EPS_RANGE)
 
   def init_fn(params: Any) -> AdaptiveGradClipState:
     del params
@@ -138,12 +149,14 @@ def adaptive_grad_clip(
       )
     leaves, treedef = jax.tree.flatten(updates)
     weights = treedef.flatten_up_to(params)
+    ok = traced_ok([(clipping, NON_NEGATIVE), (eps, EPS_RANGE)])
     out, squares, clipped, units = list(leaves), [], [], 0
     for i in float_positions(leaves):
       g = jnp.asarray(leaves[i])
       axes = _unit_axes(g.shape, axis, owner)
       g_norm = unit_norms(g, axes)
       limit = unit_norms(jnp.asarray(weights[i]), axes).at_least(eps).times(clipping)
+      limit = limit._replace(m=nan_unless(ok, limit.m))
       factors, active = scale_factors(g_norm, limit, clip=True)
       y = g.astype(g_norm.m.dtype)
       out[i] = times_factors(y, factors.s1, factors.s2).astype(g.dtype)
@@ -184,7 +197,7 @@ def per_example_clip(
     :class:`PerExampleClipState`, records ``norm`` (the global L2 norm of the
     incoming per-example gradients), ``clipped_fraction`` (the fraction of
     examples clipped; of (leaf, example) pairs with ``scope="leaf"``) and
-    ``max_example_norm``.
+    ``max_example_norm`` and ``threshold`` (the ``l2_norm_clip`` applied).
 
   Raises:
     ValueError: if ``l2_norm_clip`` is negative or NaN or ``scope`` unknown;
@@ -204,13 +217,13 @@ def per_example_clip(
     <https://arxiv.org/abs/1607.00133>`_, 2016
   """
   owner = "per_example_clip"
-  check_number(owner, "l2_norm_clip", l2_norm_clip, low=0.0)
+  check_number(owner, "l2_norm_clip", l2_norm_clip, NON_NEGATIVE)
   check_choice(owner, "scope", scope, SCOPES)
 
   def init_fn(params: Any) -> PerExampleClipState:
     del params
     z = _stats.zeros()
-    return PerExampleClipState(norm=z, clipped_fraction=z, max_example_norm=z)
+    return PerExampleClipState(*(z for _ in PerExampleClipState._fields))
 
   def update_fn(updates, state, params=None):
     del state, params
@@ -219,7 +232,8 @@ def per_example_clip(
       return rebuild(floats), init_fn(None)
     _check_batch(floats, owner)
     norms = example_norms(floats, scope)  # [B] or [L, B]
-    factors, active = scale_factors(norms, l2_norm_clip, clip=True)
+    target = nan_unless(traced_ok([(l2_norm_clip, NON_NEGATIVE)]), l2_norm_clip)
+    factors, active = scale_factors(norms, target, clip=True)
     out = []
     for i, x in enumerate(floats):
       s1, s2 = (factors.s1, factors.s2) if scope == "global" else (factors.s1[i], factors.s2[i])
@@ -232,6 +246,7 @@ def per_example_clip(
       norm=squares.total().sqrt().to_float32(),
       clipped_fraction=jnp.mean(active.astype(jnp.float32)),
       max_example_norm=jnp.max(norms.to_float32()),
+      threshold=_stats.as_statistic(l2_norm_clip),
     )
     return rebuild(out), new
 

@@ -1,18 +1,67 @@
-"""Checks of hyperparameters at construction.
+"""Checks of hyperparameters: at construction when concrete, in the program when traced.
 
-A hyperparameter is checked only when it is concrete (a Python or NumPy
-number, or a concrete jax scalar). Under ``optax.inject_hyperparams`` it is a
-tracer inside ``update``, and is then taken as given.
+The rule, for every transform: a concrete hyperparameter (a Python or NumPy
+number, or a concrete jax scalar) that is ``None``, NaN or out of its range
+raises ``ValueError`` at construction, naming the transform, the argument
+and the value. A traced one (a schedule under ``optax.inject_hyperparams``)
+cannot raise; where it is out of range, that step's update is all NaN and
+the transform's own estimators are left unchanged. A finiteness check after
+it (``optax.apply_if_finite`` around the optimizer it feeds) skips the step;
+without one, the parameters turn NaN, which no run misses. Never a silently
+wrong update.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+class Range(NamedTuple):
+  """The values a numeric hyperparameter may take."""
+
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+  allow_inf: bool = True
+  integer: bool = False
+
+  def describe(self) -> str:
+    what = "an integer" if self.integer else "a number"
+    finite = ", finite," if not self.allow_inf else ""
+    if self.low is None and self.high is None:
+      return f"{what}{finite}"
+    lo = "(-inf" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
+    hi = "inf)" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
+    return f"{what}{finite} in {lo}, {hi}"
+
+  def holds(self, x):
+    """Whether ``x`` lies in the range: a bool for a Python float, a jax
+    bool for a traced value (NaN never does)."""
+    traced = not isinstance(x, float)
+    ok = ~jnp.isnan(x) if traced else not math.isnan(x)
+    if not self.allow_inf:
+      ok = ok & (jnp.isfinite(x) if traced else math.isfinite(x))
+    if self.low is not None:
+      ok = ok & ((x > self.low) if self.low_open else (x >= self.low))
+    if self.high is not None:
+      ok = ok & ((x < self.high) if self.high_open else (x <= self.high))
+    if self.integer:
+      ok = ok & ((x == jnp.round(x)) if traced else (not math.isfinite(x) or x == int(x)))
+    return ok
+
+
+ANY = Range()
+NON_NEGATIVE = Range(low=0.0)
+POSITIVE = Range(low=0.0, low_open=True)
+OPEN_UNIT = Range(low=0.0, high=1.0, low_open=True, high_open=True)
+COUNT = Range(low=1.0, allow_inf=False, integer=True)
 
 
 def concrete(value: Any) -> float | None:
@@ -28,38 +77,38 @@ def concrete(value: Any) -> float | None:
 
 
 def check_number(
-  owner: str,
-  name: str,
-  value: Any,
-  *,
-  low: float | None = None,
-  high: float | None = None,
-  low_open: bool = False,
-  high_open: bool = False,
-  allow_inf: bool = True,
-  integer: bool = False,
+  owner: str, name: str, value: Any, allowed: Range = ANY, *, optional: bool = False
 ) -> None:
-  """Raises ``ValueError`` naming ``owner``, ``name`` and ``value`` if out of range."""
+  """Raises ``ValueError`` naming ``owner``, ``name`` and ``value`` if it is
+  ``None`` (unless ``optional``), NaN or out of ``allowed``; a traced value is
+  checked in the program (:func:`traced_ok`)."""
+  if value is None:
+    if optional:
+      return
+    raise ValueError(f"{owner}: {name} must be {allowed.describe()}, got None")
   try:
     x = concrete(value)
   except ValueError as err:
     raise ValueError(f"{owner}: {name} {err}") from None
-  if x is None:
-    return
-  bad = math.isnan(x) or (not allow_inf and math.isinf(x))
-  if low is not None:
-    bad |= x <= low if low_open else x < low
-  if high is not None:
-    bad |= x >= high if high_open else x > high
-  if integer and not bad and math.isfinite(x):
-    bad |= x != int(x)
-  if bad:
-    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-    what = "an integer" if integer else "a number"
-    where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
-    finite = ", finite," if not allow_inf else ""
-    raise ValueError(f"{owner}: {name} must be {what}{finite}{where}, got {value!r}")
+  if x is not None and not allowed.holds(x):
+    raise ValueError(f"{owner}: {name} must be {allowed.describe()}, got {value!r}")
+
+
+def traced_ok(checks: Sequence[tuple[Any, Range]]) -> jax.Array | None:
+  """Whether the traced values among ``checks`` (value, range) lie in their
+  ranges; ``None`` when none is traced (the concrete ones were checked at
+  construction), so that a program without schedules carries no test."""
+  ok = None
+  for value, allowed in checks:
+    if isinstance(value, jax.core.Tracer):
+      holds = allowed.holds(jnp.asarray(value, jnp.float32))
+      ok = holds if ok is None else ok & holds
+  return ok
+
+
+def nan_unless(ok: jax.Array | None, x: Any) -> Any:
+  """``x``, or NaN of its shape where ``ok`` is false (``ok=None``: ``x``)."""
+  return x if ok is None else jnp.where(ok, x, jnp.nan)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:

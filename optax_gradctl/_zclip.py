@@ -12,7 +12,13 @@ from jax.typing import ArrayLike
 from optax_gradctl import _estimator, _stats
 from optax_gradctl._reduction.mesh import AxisName
 from optax_gradctl._reduction.reduce import reduce_tree, rescaled_to_norm
-from optax_gradctl._validation import check_choice, check_number
+from optax_gradctl._validation import (
+  NON_NEGATIVE,
+  check_choice,
+  check_number,
+  nan_unless,
+  traced_ok,
+)
 
 ZCLIP_MODES = ("adaptive", "mean", "percentile")
 
@@ -115,9 +121,9 @@ def zclip(
   owner = "zclip"
   _estimator.check_estimator_args(owner, z_threshold, decay, warmup_steps)
   check_choice(owner, "mode", mode, ZCLIP_MODES)
-  if max_norm is not None:
-    check_number(owner, "max_norm", max_norm, low=0.0)
+  check_number(owner, "max_norm", max_norm, NON_NEGATIVE, optional=True)
   fixed = jnp.inf if max_norm is None else max_norm
+  checks = [*_estimator.estimator_checks(z_threshold, decay, warmup_steps), (fixed, NON_NEGATIVE)]
 
   def init_fn(params: Any) -> ZClipState:
     del params
@@ -129,12 +135,13 @@ def zclip(
     floats, rebuild, red = reduce_tree(updates, axis_name, norms=("l2",))
     finite = jnp.all(jnp.isfinite(red.l2.m))
     found = _Judged.of(state.ema, red.norm, finite, z_threshold, warmup_steps, mode)
-    limit = jnp.minimum(found.cap, jnp.asarray(fixed, jnp.float32))
+    ok = traced_ok(checks)
+    limit = nan_unless(ok, jnp.minimum(found.cap, jnp.asarray(fixed, jnp.float32)))
     out, clipped = rescaled_to_norm(floats, red, "l2", "global", limit, clip=True)
     # A finite gradient enters: its norm, or on a spike (an overflowing
     # norm included) its cap. During warm-up an overflowing norm cannot.
     entered = jnp.where(found.spike, found.cap, red.norm)
-    enter = finite & jnp.isfinite(entered)
+    enter = finite & jnp.isfinite(entered) & (True if ok is None else ok)
     ema = _estimator.ema_update(state.ema, entered, enter, warmup_steps, decay)
     ema_mean, ema_std = _estimator.mean_and_std(state.ema, warmup_steps)
     new = ZClipState(

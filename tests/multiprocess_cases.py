@@ -35,7 +35,7 @@ def global_gradient(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
 def transforms() -> dict[str, optax.GradientTransformation]:
   """One configuration of each public transform; the shard_map runs add axis_name."""
   return {
-    "clip_by_value": lambda **k: gc.clip_by_value(0.5, **k),
+    "clip_by_value": lambda **k: gc.clip_by_value(0.5, stats=True, **k),
     "clip_by_norm_linf_leaf": lambda **k: gc.clip_by_norm(0.5, norm="linf", scope="leaf", **k),
     "clip_by_global_norm": lambda **k: gc.clip_by_global_norm(1.0, **k),
     "unit_rescale_l1": lambda **k: gc.unit_rescale(norm="l1", **k),

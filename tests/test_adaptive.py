@@ -523,19 +523,24 @@ def test_adagc_bad_arguments_and_structure():
 
 def ref_skip_with_loss(norms, losses, z_t, decay, warmup, max_consecutive):
   """skip_on_spike's reference with a loss: a step is skipped if either value
-  is non-finite or either is an outlier of its own estimator."""
+  is non-finite, if the norm is an outlier of its estimator, or if the loss's
+  change from the last accepted loss is an outlier of the changes before."""
   ema_n, ema_l, rows, skips, run = RefEma(warmup, decay), RefEma(warmup, decay), [], 0, 0
+  last = None
   for x, loss in zip(norms, losses, strict=True):
     finite = np.isfinite(x) and np.isfinite(loss)
+    change = loss - last if last is not None and np.isfinite(loss) else None
     n_spike = ema_n.warm and np.isfinite(x) and finite and ema_n.z(x) > z_t
-    l_spike = ema_l.warm and finite and ema_l.z(loss) > z_t
+    l_spike = ema_l.warm and change is not None and ema_l.z(change) > z_t
     skip = (not finite) or ((n_spike or l_spike) and run < max_consecutive)
     if skip:
       skips, run = skips + 1, run + 1
     else:
       run = 0
       ema_n.enter(x)
-      ema_l.enter(loss)
+      if change is not None:
+        ema_l.enter(change)
+      last = loss
     rows.append(
       {"skip": skip, "count": skips, "loss_spike": l_spike, "norm_spike": n_spike, "finite": finite}
     )
@@ -554,7 +559,7 @@ def test_skip_on_spike_with_a_loss_matches_reference():
   tx = gc.skip_on_spike(optax.sgd(1.0), z_threshold=6.0, decay=0.99, warmup_steps=20)
   state, step = tx.init(gradient(1.0)), jax.jit(tx.update)
   for t, (x, loss, ref) in enumerate(zip(norms, losses, want, strict=True)):
-    out, state = step(gradient(x), state, loss=jnp.float32(loss))
+    out, state = step(gradient(x), state, value=jnp.float32(loss))
     assert (norm_of(out) == 0.0) == ref["skip"], t
     assert int(state.skip_count) == ref["count"], t
     assert float(state.skipped) == ref["skip"]
@@ -572,7 +577,7 @@ def test_skip_on_spike_counts_right_under_multisteps_and_inject_hyperparams():
   tx = optax.MultiSteps(inner, every_k_schedule=2)
   state, step = tx.init(gradient(1.0)), jax.jit(tx.update)
   for loss in [2.0, 2.0, 2.1, 2.1, 1.9, 1.9, 2.0, 2.0, 50.0, 50.0, 2.0, 2.0]:
-    _, state = step(gradient(1.0), state, loss=jnp.float32(loss))
+    _, state = step(gradient(1.0), state, value=jnp.float32(loss))
   stats = gc.stats(state)
   # six inner steps; the fifth (losses of 50) was skipped, counted once
   assert int(stats["inner_opt_state/inner_state/skip_on_spike/skip_count"]) == 1

@@ -33,7 +33,7 @@ def test_quick_pass_writes_its_table(name, tmp_path):
     rows = data["rows"]
     assert {r["transform"] for r in rows} == {
       "clip_by_value",
-      "clip_by_value(stats=False)",
+      "clip_by_value(stats=True)",
       "clip_by_global_norm",
       "unit_rescale",
       "zscore",

@@ -115,7 +115,7 @@ def test_leaf_scope_clips_each_leaf():
 
 
 def test_clip_by_value_seed_example():
-  out, state = run(gc.clip_by_value(1.0), jnp.array([0.7, 1.1, 3.4]))
+  out, state = run(gc.clip_by_value(1.0, stats=True), jnp.array([0.7, 1.1, 3.4]))
   np.testing.assert_allclose(out, [0.7, 1.0, 1.0])
   np.testing.assert_allclose(float(state.clipped_fraction), 2 / 3, rtol=1e-6)
   np.testing.assert_allclose(float(state.norm), np.linalg.norm([0.7, 1.1, 3.4]), rtol=1e-6)
@@ -123,11 +123,11 @@ def test_clip_by_value_seed_example():
 
 def test_clip_by_value_negative_band_and_specials():
   g = jnp.array([-5.0, -2.5, 0.0, np.inf, -np.inf, -2.0, -3.0])
-  out, state = run(gc.clip_by_value(-2.0, -3.0), g)
+  out, state = run(gc.clip_by_value(-2.0, -3.0, stats=True), g)
   np.testing.assert_array_equal(out, [-3.0, -2.5, -2.0, -2.0, -3.0, -2.0, -3.0])
   # the bounds themselves are not clipped
   np.testing.assert_allclose(float(state.clipped_fraction), 4 / 7, rtol=1e-6)
-  out, state = run(gc.clip_by_value(-2.0, -3.0), jnp.array([np.nan, -5.0]))
+  out, state = run(gc.clip_by_value(-2.0, -3.0, stats=True), jnp.array([np.nan, -5.0]))
   assert np.isnan(out[0]) and out[1] == -3.0
   assert np.isnan(state.clipped_fraction) and np.isnan(state.norm)
 
@@ -138,7 +138,7 @@ def test_clipped_fraction_counts_elements_one_ulp_outside(bound):
   just_out = np.nextafter(b, np.float32(np.inf))
   just_in = np.nextafter(b, np.float32(0))
   g = jnp.asarray([just_out, -just_out, just_in, -just_in, b, -b, 0.0], jnp.float32)
-  _, state = run(gc.clip_by_value(b), g)
+  _, state = run(gc.clip_by_value(b, stats=True), g)
   np.testing.assert_allclose(float(state.clipped_fraction), 2 / 7, rtol=1e-6)
 
 
@@ -231,3 +231,19 @@ def test_clipping_the_update_after_the_optimizer():
     rtol=1e-6,
   )
   assert float(stats["1/clip_by_global_norm/clipped_fraction"]) == 1.0
+
+
+@pytest.mark.usefixtures("strategy")
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_clip_by_value_keeps_within_bound_elements_bitwise(stats, dtype):
+  """Subnormal elements within the bounds included, which a clamp flushes on a CPU."""
+  tiny = 7e-45 if dtype == jnp.float32 else 2e-40  # subnormal in each dtype
+  g = jnp.asarray(np.array([0.5, tiny, -2.9e-39, 1e-39, 3.0], np.float32)).astype(dtype)
+  assert np.count_nonzero(np.asarray(g, np.float32)) == 5  # the subnormals survived the cast
+  tx = gc.clip_by_value(1.0, stats=stats)
+  out, _ = jax.jit(tx.update)(g, tx.init(g))
+  np.testing.assert_array_equal(
+    np.asarray(out[:4]).view(np.uint8), np.asarray(g[:4]).view(np.uint8)
+  )
+  assert float(out[4]) == 1.0

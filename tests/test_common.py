@@ -150,7 +150,8 @@ def test_state_is_fixed_and_scannable(name, dtype, strategy):
   g = STATE_DTYPES[dtype]()
   state0 = tx.init(g)
   stats0 = gc.stats(state0)
-  assert stats0 and all(v.dtype in (jnp.float32, jnp.int32) for v in stats0.values())
+  assert bool(stats0) == CASES[name].stats
+  assert all(v.dtype in (jnp.float32, jnp.int32) for v in stats0.values())
   assert all(float(v) == 0 for k, v in stats0.items() if k.endswith("/norm"))
   same_structure(state0, jax.eval_shape(tx.update, g, state0, g)[1])
 
@@ -170,7 +171,7 @@ def test_inject_hyperparams(name):
   g = grads()
   out, state = jax.jit(tx.update)(g, tx.init(g), g)
   close(out, updated(case.make(), g, g)[0])
-  assert any(k.startswith("inner_state/") for k in gc.stats(state))
+  assert any(k.startswith("inner_state/") for k in gc.stats(state)) == case.stats
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -184,7 +185,7 @@ def test_masked(name):
   sub = {"w": g["w"], "h": g["h"]}
   want, _ = updated(case.make(), sub, sub)
   close({"w": out["w"], "h": out["h"]}, want)
-  assert gc.stats(state)
+  assert bool(gc.stats(state)) == case.stats
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -201,7 +202,7 @@ def test_multisteps(name):
   inner = optax.chain(CASES[name].make(), optax.sgd(0.1))
   want, _ = updated(inner, mean, g)
   close(u2, want, rtol=1e-5, atol=1e-6)
-  assert any(k.startswith("inner_opt_state/") for k in gc.stats(state))
+  assert any(k.startswith("inner_opt_state/") for k in gc.stats(state)) == CASES[name].stats
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -306,7 +307,7 @@ def test_flax_nnx_optimizer(name):
   assert not np.allclose(before, model.l1.kernel[...])
   stats = gc.stats(opt.opt_state)
   norms = [v for k, v in stats.items() if k.endswith("/norm")]
-  assert len(norms) == 1 and float(norms[0]) > 0
+  assert len(norms) == CASES[name].stats and all(float(n) > 0 for n in norms)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -319,6 +320,9 @@ def test_linen_train_state(name):
   g = jax.grad(lambda p: jnp.sum(model.apply(p, jnp.ones((2, 3))) ** 2))(params)
   state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, g)
   stats = gc.stats(state.opt_state)
+  if not CASES[name].stats:
+    assert stats == {}
+    return
   key = next(k for k in stats if k.endswith("/norm"))
   np.testing.assert_allclose(float(stats[key]), float(optax.tree.norm(g)), rtol=1e-6)
 

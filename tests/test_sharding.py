@@ -220,7 +220,7 @@ def test_optax_uses_the_local_norm_inside_shard_map():
   [
     lambda a: gc.clip_by_global_norm(1.0, axis_name=a),
     lambda a: gc.clip_by_norm(1.0, norm="linf", scope="leaf", axis_name=a),
-    lambda a: gc.clip_by_value(0.5, axis_name=a),
+    lambda a: gc.clip_by_value(0.5, stats=True, axis_name=a),
     lambda a: gc.unit_rescale(norm="l1", axis_name=a),
     lambda a: gc.zscore(axis_name=a),
     lambda a: gc.zclip(axis_name=a),

@@ -14,7 +14,7 @@ def _grads():
 
 def test_keys_in_a_chain_name_position_transform_and_statistic():
   tx = optax.chain(
-    gc.clip_by_value(1.0), gc.clip_by_global_norm(1.0), gc.zscore(), optax.adam(1e-3)
+    gc.clip_by_value(1.0, stats=True), gc.clip_by_global_norm(1.0), gc.zscore(), optax.adam(1e-3)
   )
   _, state = jax.jit(tx.update)(_grads(), tx.init(_grads()))
   stats = gc.stats(state)
@@ -24,6 +24,8 @@ def test_keys_in_a_chain_name_position_transform_and_statistic():
       "0/clip_by_value/clipped_fraction",
       "1/clip_by_global_norm/norm",
       "1/clip_by_global_norm/clipped_fraction",
+      "1/clip_by_global_norm/threshold",
+      "1/clip_by_global_norm/compared_norm",
       "2/zscore/norm",
       "2/zscore/mean",
       "2/zscore/std",

@@ -34,6 +34,19 @@ def test_factors_are_computed_once_for_all_leaves():
     assert sizes and max(sizes) <= 20, (shape, sizes)
 
 
+def test_the_factors_reach_each_output_kernel_as_one_operand():
+  """A clip's output kernel reads its leaf and the two factors, stacked: two
+  operands. Unstacked, XLA moves the selects that make the factors into
+  every output kernel, which then reads their four inputs."""
+  leaves = [jnp.linspace(-1.0, 3.0, 100 + i) for i in range(6)]
+  tx = gc.clip_by_global_norm(1.0)
+  text = jax.jit(lambda g, s: tx.update(g, s)).lower(leaves, tx.init(leaves)).compile().as_text()
+  entry = text[text.index("ENTRY") :]
+  writers = re.findall(r"= f32\[10\d\]\{0\} fusion\(([^)]*)\)", entry)
+  assert len(writers) == len(leaves)
+  assert all(len(operands.split(",")) == 2 for operands in writers), writers
+
+
 def test_the_ordering_zero_is_computed_once():
   """clip_by_value's clamp waits for its statistics through an exact zero
   made from them: its output kernels take that zero as a value (7

@@ -120,7 +120,7 @@ def test_empty_leaves_have_zero_statistics():
   z = {"z": jnp.zeros((0,))}
   for ord in NORMS:
     assert float(gc.global_norm(z, ord)) == 0.0
-  _, state = upd(gc.clip_by_value(1.0), z)
+  _, state = upd(gc.clip_by_value(1.0, stats=True), z)
   assert float(state.clipped_fraction) == 0.0 and float(state.norm) == 0.0
   _, state = upd(gc.zscore(), z)
   assert float(state.mean) == 0.0 and float(state.std) == 0.0
@@ -139,7 +139,7 @@ def test_empty_leaves_have_zero_statistics():
   ],
 )
 def test_an_element_at_an_infinite_bound_is_not_clipped(bounds, g):
-  out, state = upd(gc.clip_by_value(*bounds), jnp.asarray(g, jnp.float32))
+  out, state = upd(gc.clip_by_value(*bounds, stats=True), jnp.asarray(g, jnp.float32))
   np.testing.assert_array_equal(out, g)
   assert float(state.clipped_fraction) == 0.0
 
@@ -299,7 +299,7 @@ _zscore = jax.jit(
 )
 _value = jax.jit(
   lambda tree, lo, hi, strategy: (lambda tx: tx.update(tree, tx.init(tree)))(
-    gc.clip_by_value(hi, lo)
+    gc.clip_by_value(hi, lo, stats=True)
   ),
   static_argnums=(3,),
 )

@@ -20,6 +20,8 @@ class Case(NamedTuple):
   in_place: bool = True
   # False where the transform has no axis_name: it runs sharded under jit (GSPMD) only
   shard_map: bool = True
+  # False where the state records no statistics (gc.stats gives {})
+  stats: bool = True
 
   def make(self):
     return self.factory(**self.kwargs)
@@ -38,8 +40,12 @@ def one_example(l2_norm_clip, scope="global") -> optax.GradientTransformation:
 
 
 CASES: dict[str, Case] = {
-  "clip_by_value": Case(gc.clip_by_value, {"max_value": 0.5}),
-  "clip_by_value_band": Case(gc.clip_by_value, {"max_value": -0.1, "min_value": -0.4}),
+  # inject_hyperparams traces a bool as a number: stats must be static
+  "clip_by_value": Case(gc.clip_by_value, {"max_value": 0.5, "stats": True}, static=("stats",)),
+  "clip_by_value_band": Case(
+    gc.clip_by_value, {"max_value": -0.1, "min_value": -0.4, "stats": True}, static=("stats",)
+  ),
+  "clip_by_value_no_stats": Case(gc.clip_by_value, {"max_value": 0.5}, stats=False),
   "clip_by_norm_l2_leaf": Case(gc.clip_by_norm, {"max_norm": 0.5, "scope": "leaf"}),
   "clip_by_norm_l1": Case(gc.clip_by_norm, {"max_norm": 0.5, "norm": "l1"}),
   "clip_by_norm_linf_leaf": Case(

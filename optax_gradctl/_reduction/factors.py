@@ -57,13 +57,16 @@ def scale_factors(
 
   Returns:
     ``(factors, active)``: the :class:`Factors`, and where they rescale a
-    finite norm, each of shape [S]. Where ``value`` is not finite both
-    factors are NaN, so the whole scope becomes NaN.
+    finite norm, each of shape [S]. Where ``value`` is not finite, or a
+    traced ``target`` is NaN, both factors are NaN, so the whole scope
+    becomes NaN.
   """
   dtype = value.m.dtype
   v = value.normalized()  # v.m in [0.5, 1), or 0, inf, NaN
   target, t_m, t_e = _split_target(target, dtype)
   finite = jnp.isfinite(v.m)
+  if isinstance(target, jax.Array):  # a NaN target (a traced one out of range) poisons
+    finite = finite & ~jnp.isnan(target)
   if clip:
     above = exceeds(v.m, v.e, t_m, t_e) | (target == 0)
     active = (v.m > 0) & above & jnp.isfinite(target)
@@ -79,7 +82,7 @@ def scale_factors(
   numerator = jnp.where(active, t_m * exp2(d - k1 + 2, dtype), 1)
   ratio = jnp.where(finite, numerator, jnp.nan) / jnp.where(active, v.m * 4, 1)
   s1, s2 = jnp.where(split, power, ratio), jnp.where(split, ratio, power)
-  return Factors(s1, s2), active & finite
+  return Factors(*steering.packed(s1, s2)), active & finite
 
 
 def _split_target(target: ArrayLike | Pow2, dtype: np.dtype):
