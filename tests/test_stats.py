@@ -87,3 +87,14 @@ def test_batched_states_keep_their_batch_axis():
 def test_no_gradctl_state_gives_empty_dict():
   tx = optax.adam(1e-3)
   assert gc.stats(tx.init(_grads())) == {}
+
+
+def test_a_state_inside_another_is_found_under_its_path():
+  """skip_on_spike holds its inner chain's states: each keeps its own key."""
+  tx = gc.skip_on_spike(optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-3)))
+  _, state = jax.jit(tx.update)(_grads(), tx.init(_grads()))
+  stats = gc.stats(state)
+  assert float(stats["skip_on_spike/norm"]) == 13.0
+  assert float(stats["inner_state/0/clip_by_global_norm/norm"]) == 13.0
+  assert float(stats["inner_state/0/clip_by_global_norm/clipped_fraction"]) == 1.0
+  assert not any(k.startswith("inner_state/1/") for k in stats)  # adam records nothing
