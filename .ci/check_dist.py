@@ -1,5 +1,6 @@
 """Checks the built sdist and wheel: one of each, of the package's version,
-each carrying the package's modules and its py.typed marker."""
+each carrying every module of the package and its subpackages, and its
+py.typed marker."""
 
 import sys
 import tarfile
@@ -9,7 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optax_gradctl
 
-MODULES = {p.name for p in (Path(optax_gradctl.__file__).parent).glob("*.py")} | {"py.typed"}
+PACKAGE = Path(optax_gradctl.__file__).parent
+MODULES = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")} | {"py.typed"}
 
 
 def main(dist: Path) -> None:
@@ -17,9 +19,9 @@ def main(dist: Path) -> None:
   (sdist,) = dist.glob(f"optax_gradctl-{version}.tar.gz")
   (wheel,) = dist.glob(f"optax_gradctl-{version}-py3-none-any.whl")
   with tarfile.open(sdist) as tar:
-    in_sdist = {Path(n).name for n in tar.getnames() if "/optax_gradctl/" in n}
+    in_sdist = {n.split("/optax_gradctl/", 1)[1] for n in tar.getnames() if "/optax_gradctl/" in n}
   with zipfile.ZipFile(wheel) as whl:
-    in_wheel = {Path(n).name for n in whl.namelist() if n.startswith("optax_gradctl/")}
+    in_wheel = {n.split("/", 1)[1] for n in whl.namelist() if n.startswith("optax_gradctl/")}
   for name, files in (("sdist", in_sdist), ("wheel", in_wheel)):
     missing = MODULES - files
     if missing:

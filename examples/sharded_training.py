@@ -196,7 +196,8 @@ def train_shard_map(mesh, steps: int, bsz: int, log_every: int):
 def sharded_runs(args) -> dict[str, list]:
   """The jit (GSPMD) and shard_map trainings on a 2 x 4 mesh of every device."""
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
-  with jax.set_mesh(mesh):
+  # jax.set_mesh from jax 0.7; jax.sharding.use_mesh before
+  with (jax.set_mesh if hasattr(jax, "set_mesh") else jax.sharding.use_mesh)(mesh):
     return {
       "jit (GSPMD)": train_gspmd(mesh, args.steps, args.batch, args.log_every),
       "shard_map": train_shard_map(mesh, args.steps, args.batch, args.log_every),

@@ -113,7 +113,8 @@ def autoclip(
     buffer = state.history
     n = buffer.shape[0]  # read from the state, never from a traced argument
     slot = state.count % n
-    buffer = jnp.where(enter, buffer.at[slot].set(norm), buffer)
+    # a select, not a scatter: elementwise ops have a sharding rule on every jax
+    buffer = jnp.where(enter & (jnp.arange(n) == slot), norm, buffer)
     count = state.count + enter.astype(jnp.int32)
     threshold = nan_unless(ok, _percentile(buffer, jnp.minimum(count, n), percentile))
     out, clipped = rescaled_to_norm(floats, red, "l2", "global", threshold, clip=True)

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import optax_gradctl as gc  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compat import set_mesh  # noqa: E402
 from multiprocess_cases import (  # noqa: E402
   ADAPTIVE,
   AXES,
@@ -146,7 +147,7 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str) -> None:
   assert jax.device_count() == 4 * num_processes, jax.devices()
   mesh = jax.make_mesh((num_processes, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
   out: dict = {"process_index": jax.process_index(), "devices": jax.device_count()}
-  with jax.set_mesh(mesh):
+  with set_mesh(mesh):
     for check in (check_jit, check_shard_map, check_adaptive, check_whole_range, check_collectives):
       start = time.perf_counter()
       check(mesh, out)

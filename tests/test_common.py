@@ -94,6 +94,7 @@ def test_jit_matches_eager(name):
   close(eager, jitted)
 
 
+@pytest.mark.program
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.usefixtures("strategy")
 def test_donated_gradient_is_updated_in_place(name):
@@ -335,6 +336,7 @@ def full_size_buffers(step, *args, shape="300,200") -> int:
   return len(re.findall(rf"= f32\[{shape}\]\{{[0-9,]*\}} (?!parameter|bitcast)", entry))
 
 
+@pytest.mark.program
 @pytest.mark.parametrize("name", NAMES)
 def test_in_front_of_adam_writes_nothing_full_size(name):
   """Chained in front of Adam, a transform adds no full-size buffer to the
@@ -355,6 +357,7 @@ def test_in_front_of_adam_writes_nothing_full_size(name):
   assert full_size_buffers(step(chained), g, chained.init(g)) == expected
 
 
+@pytest.mark.program
 def test_norm_recorded_next_to_adam_writes_nothing_full_size():
   """gc.global_norm squares the gradient Adam squares: recorded next to
   Adam's update, it must not make XLA share that square and write it out."""

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given
 
 import optax_gradctl as gc
@@ -80,6 +81,7 @@ def _kernels_reading_each_leaf(tx, g) -> list[int]:
   ]
 
 
+@pytest.mark.program
 def test_monitor_next_to_a_clip_reads_nothing_more():
   """XLA computes the monitor's sums and the clip's once: the step with the
   monitor has exactly the readers of every leaf the clip alone has."""

@@ -14,6 +14,7 @@ from optax_gradctl._reduction.plan import SCOPES
 from optax_gradctl._reduction.reduce import NORMS
 
 from . import reference as ref
+from .compat import enable_x64
 
 
 def _ref_norm(tree, ord):
@@ -67,7 +68,7 @@ def test_norm_beyond_float32_is_inf():
 
 
 def test_float64_leaves_accumulate_in_float64():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     x = jnp.full((4,), 1e200, jnp.float64)
     assert gc.global_norm(x).dtype == jnp.float32
     assert gc.global_norm(x) == np.inf

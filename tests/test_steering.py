@@ -8,8 +8,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import optax_gradctl as gc
+
+pytestmark = pytest.mark.program
 
 
 def _output_kernels(tx, leaves):

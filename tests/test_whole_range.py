@@ -17,6 +17,7 @@ from optax_gradctl._reduction.plan import SCOPES
 from optax_gradctl._reduction.reduce import NORMS
 
 from . import reference as ref
+from .compat import enable_x64
 from .strategies import VARIANTS, per_variant, tree_and_magnitudes, variant_settings
 
 pytestmark = pytest.mark.usefixtures("strategy")
@@ -42,7 +43,7 @@ def test_linf_clip_near_the_top_of_the_range(dtype, value):
 
 
 def test_linf_clip_near_the_top_of_float64():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     out, _ = upd(gc.clip_by_norm(0.5, norm="linf"), {"a": jnp.full((4,), 1e308, jnp.float64)})
     np.testing.assert_array_equal(np.asarray(out["a"]), 0.5)
 
@@ -98,7 +99,7 @@ def test_max_norm_near_the_bottom_against_a_norm_beyond_float32():
 
 
 def test_small_max_norm_against_a_large_float64_gradient():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     out, _ = upd(gc.clip_by_norm(1e-170), jnp.full((4,), 1e300, jnp.float64))
     np.testing.assert_allclose(np.asarray(out), 5e-171, rtol=1e-12)
 
@@ -417,7 +418,7 @@ def test_global_norm_over_the_whole_range(case, ord, strategy):
   log2_max=per_variant(st.floats(-1000, 1000)),
 )
 def test_float64_trees_over_the_whole_range(case, log2_max, strategy):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     assume(any(dtype == jnp.float64 for _, _, dtype in case.specs))  # accumulates in float64
     for (tree, leaves), log2 in zip(case.builds(), log2_max, strict=True):
       max_norm = 2.0**log2

@@ -125,10 +125,15 @@ class Pow2(NamedTuple):
   def segment_total(self, segment: np.ndarray, count: int) -> Pow2:
     """The sums of 1-D values per segment (``segment``: the static segment
     of each value, each of ``range(count)`` present), each taken at its
-    segment's largest exponent, as :meth:`total`."""
+    segment's largest exponent, as :meth:`total`. Written as a masked
+    reduction over [segment, value], not a scatter: elementwise ops and
+    reductions have a sharding rule on every supported jax."""
     v = self.normalized()
-    top = jax.ops.segment_max(_top_exponents(v), segment, count)
-    m = jax.ops.segment_sum(v.m * exp2(v.e - top[segment], v.m.dtype), segment, count)
+    member = jnp.asarray(segment)[None, :] == jnp.arange(count)[:, None]  # [S, N]
+    top = jnp.max(jnp.where(member, _top_exponents(v)[None, :], _NO_EXPONENT), axis=1)
+    top_of_value = jnp.max(jnp.where(member, top[:, None], _NO_EXPONENT), axis=0)
+    scaled = v.m * exp2(v.e - top_of_value, v.m.dtype)
+    m = jnp.sum(jnp.where(member, scaled[None, :], 0), axis=1)
     return Pow2(m, jnp.where(top == _NO_EXPONENT, 0, top))
 
 
