@@ -40,15 +40,22 @@ napoleon_use_rtype = False
 nitpicky = True
 nitpick_ignore_regex = [
   (r"py:.*", r"'?(optax|jax|jaxlib|flax|numpy|collections|typing|builtins)(\..*)?'?"),
+  # a state field's documented type: its dtype and shape, e.g. "float32 scalar"
+  (r"py:class", r"(float32|float64|int32|int64|bool)( .*)?"),
 ]
 
-html_theme = "alabaster"
+# The theme of optax's, JAX's and Flax's documentation.
+html_theme = "sphinx_book_theme"
 html_title = f"optax_gradctl {release}"
 html_theme_options = {
-  "description": "Gradient control for Optax that stays correct when gradients explode.",
-  "fixed_sidebar": True,
-  "page_width": "1100px",
-  "sidebar_width": "240px",
+  "repository_url": "https://github.com/optax-gradctl/optax-gradctl",
+  "repository_branch": "main",
+  "path_to_docs": "docs",
+  "use_repository_button": True,
+  "use_source_button": True,
+  "use_issues_button": True,
+  "show_toc_level": 2,
+  "navigation_with_keys": False,
 }
 html_static_path: list[str] = []
 

@@ -33,9 +33,9 @@ class AdaGCState(NamedTuple):
   norm: jax.Array
   #: float32 scalar: the fraction of tensors clipped at this step.
   clipped_fraction: jax.Array
-  #: float32 [L]: each tensor's cap in force (+inf during warm-up).
+  #: float32 per tensor: each tensor's cap in force (+inf during warm-up).
   thresholds: jax.Array
-  #: float32 [L]: the EMA of each tensor's clipped norm (+inf until it has one).
+  #: float32 per tensor: the EMA of each tensor's clipped norm (+inf until it has one).
   gamma: jax.Array
   #: int32 scalar: finite steps seen.
   count: jax.Array

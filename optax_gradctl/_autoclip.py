@@ -28,7 +28,7 @@ class AutoClipState(NamedTuple):
   threshold: jax.Array
   #: float32 scalar: 1.0 when this step was clipped, else 0.0.
   clipped_fraction: jax.Array
-  #: float32 [history]: the last finite norms, a ring buffer.
+  #: float32 vector of ``history`` entries: the last finite norms, a ring buffer.
   history: jax.Array
   #: int32 scalar: finite norms ever entered.
   count: jax.Array

@@ -45,11 +45,11 @@ class Moments(NamedTuple):
   m2: jax.Array
   #: [S]: ``sum((x * 2**-e)**2)``.
   sumsq: jax.Array
-  #: int32 [S]: each scope's scale.
+  #: int32 per scope: each scope's scale.
   e: jax.Array
-  #: int64 [S]: elements per scope (static), once known.
+  #: int64 per scope: elements per scope (static), once known.
   n: np.ndarray | None
-  #: bool [S]: every element of the scope equal (exactly).
+  #: bool per scope: every element of the scope equal (exactly).
   constant: jax.Array
 
   def sum_of_squares(self) -> Pow2:

@@ -36,9 +36,9 @@ class Plan(NamedTuple):
   acc: np.dtype
   #: ``"global"`` or ``"leaf"``.
   scope: Scope
-  #: int [L]: the scope of each leaf.
+  #: int per leaf: the scope of each leaf.
   scope_of: np.ndarray
-  #: int64 [S]: elements per scope, over every device.
+  #: int64 per scope: elements per scope, over every device.
   n: np.ndarray
   #: [L]: 1 / the copies of each leaf among the devices, or ``None``.
   weights: np.ndarray | None

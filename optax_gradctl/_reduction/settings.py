@@ -26,18 +26,18 @@ class ReductionSettings:
   Change them for a block with :func:`reduction_settings`.
   """
 
-  #: How sums that left the float range are taken again: ``"branch"`` (a
+  #: str: how sums that left the float range are taken again, ``"branch"`` (a
   #: ``lax.cond``, taken only when needed), ``"select"`` (every leaf reduced
   #: into three candidate sums in the same read, then a select), or
   #: ``"auto"``: ``"branch"`` on CPU and TPU, ``"select"`` on other
   #: platforms (a GPU pays for a branch even when it is not taken). Moments
   #: (:func:`~optax_gradctl.zscore`) always branch.
   rescue: Rescue = "auto"
-  #: Leaves of at most this many elements are reduced stacked with the other
+  #: int: leaves of at most this many elements are reduced stacked with the other
   #: leaves of their shape and dtype: one kernel for the group instead of one
   #: per leaf. At this size the copy costs less than a kernel launch.
   stack_limit: int = 4096
-  #: At most this many leaves go into one stacked kernel: XLA's CPU compile
+  #: int: at most this many leaves go into one stacked kernel, since XLA's CPU compile
   #: time grows with the square of the operands of one fused concatenation,
   #: and linearly in groups of this size.
   stack_group: int = 100

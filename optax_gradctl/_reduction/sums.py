@@ -51,7 +51,7 @@ class Sums(NamedTuple):
 
   #: [L]: ``sum((x * 2**-e)**2)``.
   sumsq: jax.Array
-  #: int32 [L]: each leaf's scale.
+  #: int32 per leaf: each leaf's scale.
   e: jax.Array
   #: [L]: ``sum(|x * 2**-e|)``, when asked for.
   sumabs: jax.Array | None = None
