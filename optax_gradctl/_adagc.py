@@ -29,16 +29,11 @@ from optax_gradctl._validation import (
 class AdaGCState(NamedTuple):
   """State of :func:`~optax_gradctl.adagc`: its statistics and per-tensor estimator."""
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
-  #: float32 scalar: the fraction of tensors clipped at this step.
-  clipped_fraction: jax.Array
-  #: float32 per tensor: each tensor's cap in force (+inf during warm-up).
-  thresholds: jax.Array
-  #: float32 per tensor: the EMA of each tensor's clipped norm (+inf until it has one).
-  gamma: jax.Array
-  #: int32 scalar: finite steps seen.
-  count: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
+  clipped_fraction: jax.Array  #: float32 scalar: the fraction of tensors clipped at this step.
+  thresholds: jax.Array  #: float32 per tensor: each tensor's cap in force (+inf during warm-up).
+  gamma: jax.Array  #: float32 per tensor: the EMA of its clipped norm (+inf before one).
+  count: jax.Array  #: int32 scalar: finite steps seen.
 
 
 def adagc(

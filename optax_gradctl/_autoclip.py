@@ -21,17 +21,11 @@ PERCENTILE = Range(low=0.0, high=100.0)
 class AutoClipState(NamedTuple):
   """State of :func:`~optax_gradctl.autoclip`: its statistics and norm history."""
 
-  #: float32 scalar: the global L2 norm before clipping.
-  norm: jax.Array
-  #: float32 scalar: the bound applied to this step's norm, the percentile
-  #: clipped to (+inf with no history).
-  threshold: jax.Array
-  #: float32 scalar: 1.0 when this step was clipped, else 0.0.
-  clipped_fraction: jax.Array
-  #: float32 vector of ``history`` entries: the last finite norms, a ring buffer.
-  history: jax.Array
-  #: int32 scalar: finite norms ever entered.
-  count: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm before clipping.
+  threshold: jax.Array  #: float32 scalar: this step's bound, the percentile (+inf with no history).
+  clipped_fraction: jax.Array  #: float32 scalar: 1.0 when this step was clipped, else 0.0.
+  history: jax.Array  #: float32 ring buffer of ``history`` entries: the last finite norms.
+  count: jax.Array  #: int32 scalar: finite norms ever entered.
 
 
 def autoclip(

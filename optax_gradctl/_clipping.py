@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -30,28 +31,25 @@ from optax_gradctl._validation import (
 class ClipByValueState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.clip_by_value`."""
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
-  #: float32 scalar: the fraction of elements clamped.
-  clipped_fraction: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
+  clipped_fraction: jax.Array  #: float32 scalar: the fraction of elements clamped.
 
 
 @_stats.register("clip_by_norm")
 class ClipByNormState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.clip_by_norm`."""
+  """Statistics of the last step of :func:`~optax_gradctl.clip_by_norm`.
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
-  #: float32 scalar: the fraction of scopes rescaled.
-  clipped_fraction: jax.Array
-  #: float32 scalar: the ``max_norm`` applied at this step (a schedule's value
-  #: under ``inject_hyperparams``).
-  threshold: jax.Array
-  #: float32 scalar: the norm that was compared with ``threshold``, in the
-  #: order ``norm=`` names: of the whole gradient with ``scope="global"``
-  #: (PyTorch's ``clip_grad_norm_`` returns it), the largest leaf's with
-  #: ``scope="leaf"``.
-  compared_norm: jax.Array
+  ``threshold`` is the ``max_norm`` applied (a schedule's value under
+  ``inject_hyperparams``); ``compared_norm`` the norm compared with it, in
+  the order ``norm=`` names: of the whole gradient with ``scope="global"``
+  (the value PyTorch's ``clip_grad_norm_`` returns), of the largest leaf
+  with ``scope="leaf"``.
+  """
+
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
+  clipped_fraction: jax.Array  #: float32 scalar: the fraction of scopes rescaled.
+  threshold: jax.Array  #: float32 scalar: the ``max_norm`` applied at this step.
+  compared_norm: jax.Array  #: float32 scalar: the norm compared with ``threshold``.
 
 
 @_stats.register("clip_by_global_norm")
@@ -135,32 +133,39 @@ def clip_by_value(
   def update_fn(updates, state, params=None):
     del params
     floats, rebuild = split_floats(updates)
-    lower, upper = _bounds(max_value, min_value, acc_dtype(floats))
+    lower, upper, clamp = _bounds(max_value, min_value, acc_dtype(floats))
     if not stats:
-      return rebuild(apply(floats, "global", _clamp, lower[None], upper[None])), state
+      return rebuild(apply(floats, "global", clamp, lower[None], upper[None])), state
     axes = float_axes(axis_name, updates)
     red = reduce(floats, axes=axes)
     fraction = fraction_outside(floats, lower, upper, axes=axes)
-    clamped = apply(floats, "global", _clamp, lower[None], upper[None], after=(red.norm, fraction))
+    clamped = apply(floats, "global", clamp, lower[None], upper[None], after=(red.norm, fraction))
     return rebuild(clamped), ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array]:
-  """The bounds in ``acc``; both NaN where traced ones are NaN or crossed."""
+def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array, Callable]:
+  """The bounds in ``acc``, and the clamp: where a bound is traced, one that
+  makes every element NaN when the bounds are NaN or crossed."""
   upper = jnp.asarray(max_value, acc)
   lower = -upper if min_value is None else jnp.asarray(min_value, acc)
   if isinstance(max_value, jax.core.Tracer) or isinstance(min_value, jax.core.Tracer):
     ok = lower <= upper  # false for a NaN bound too
-    lower, upper = nan_unless(ok, lower), nan_unless(ok, upper)
-  return lower, upper
+    return nan_unless(ok, lower), nan_unless(ok, upper), _clamp_or_nan
+  return lower, upper, _clamp
 
 
 def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
-  """``x`` clamped to ``[lower, upper]``; an element within them is ``x``'s
-  own, bitwise (a NaN bound makes every element NaN)."""
-  return jnp.where((x >= lower) & (x <= upper), x, jnp.clip(x, lower, upper))
+  """``x`` clamped to ``[lower, upper]``; an element within the bounds is
+  ``x``'s own, bitwise, and NaN stays NaN. The clamp alone would flush a
+  subnormal element on a CPU; two selects, XLA makes a clamp of."""
+  return jnp.where((x > upper) | (x < lower), jnp.clip(x, lower, upper), x)
+
+
+def _clamp_or_nan(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
+  """:func:`_clamp`, and NaN everywhere for NaN bounds."""
+  return jnp.where(lower <= upper, _clamp(x, lower, upper), jnp.nan)
 
 
 def clip_by_norm(

@@ -25,16 +25,11 @@ class EmaState(NamedTuple):
   """The estimator of :func:`zclip` and :func:`skip_on_spike`: warm-up
   accumulators, then an exponential moving mean and variance."""
 
-  #: int32 scalar: finite values entered, saturating at ``warmup_steps``.
-  count: jax.Array
-  #: float32 scalar: the running mean of the warm-up's values (Welford).
-  warm_mean: jax.Array
-  #: float32 scalar: their running sum of squared deviations.
-  warm_m2: jax.Array
-  #: float32 scalar: the EMA mean, once past the warm-up.
-  mean: jax.Array
-  #: float32 scalar: the EMA variance, once past the warm-up.
-  var: jax.Array
+  count: jax.Array  #: int32 scalar: finite values entered, saturating at ``warmup_steps``.
+  warm_mean: jax.Array  #: float32 scalar: the running mean of the warm-up's values (Welford).
+  warm_m2: jax.Array  #: float32 scalar: their running sum of squared deviations.
+  mean: jax.Array  #: float32 scalar: the EMA mean, once past the warm-up.
+  var: jax.Array  #: float32 scalar: the EMA variance, once past the warm-up.
 
 
 def ema_init() -> EmaState:
@@ -56,10 +51,8 @@ def z_score(ema: EmaState, x: jax.Array) -> jax.Array:
 class Outlier(NamedTuple):
   """A value's z-score against the estimator, and whether it is an outlier."""
 
-  #: float32: the z-score (0 during the warm-up or for a non-finite value).
-  z: jax.Array
-  #: bool: past the warm-up, and ``z > z_threshold``.
-  spike: jax.Array
+  z: jax.Array  #: float32: the z-score (0 during the warm-up or for a non-finite value).
+  spike: jax.Array  #: bool: past the warm-up, and ``z > z_threshold``.
 
 
 def outlier(ema: EmaState, x: jax.Array, finite: jax.Array, z_threshold, warmup_steps) -> Outlier:

@@ -30,10 +30,10 @@ def top_level(path: tuple) -> str:
 class MonitorState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.monitor`."""
 
-  #: float32 scalar: the global L2 norm of the gradient.
-  norm: jax.Array
-  #: float32 scalars: the L2 norm of each group of leaves, by group name.
-  group_norms: dict[str, jax.Array]
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the gradient.
+  group_norms: dict[
+    str, jax.Array
+  ]  #: float32 scalars: the L2 norm of each group of leaves, by group name.
 
 
 def _group_names(tree: Any, groups: GroupFn) -> list[str]:

@@ -32,28 +32,23 @@ DDOF = Range(low=0.0, allow_inf=False)
 class UnitRescaleState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.unit_rescale`."""
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
 
 
 @_stats.register("zscore")
 class ZScoreState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.zscore`, global scope."""
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
-  #: float32 scalar: the mean of all gradient elements.
-  mean: jax.Array
-  #: float32 scalar: their standard deviation (with ``ddof``).
-  std: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
+  mean: jax.Array  #: float32 scalar: the mean of all gradient elements.
+  std: jax.Array  #: float32 scalar: their standard deviation (with ``ddof``).
 
 
 @_stats.register("zscore")
 class ZScoreLeafState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.zscore`, leaf scope."""
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
 
 
 def unit_rescale(
@@ -87,11 +82,11 @@ def unit_rescale(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_gradctl as gc
-    >>> tx = gc.unit_rescale()
     >>> g = jnp.array([0.7, 1.1, 3.4])
+    >>> tx = gc.unit_rescale()
     >>> updates, state = tx.update(g, tx.init(g))
-    >>> [round(float(u), 3) for u in updates]
-    [0.192, 0.302, 0.934]
+    >>> [round(float(u), 3) for u in updates], round(float(state.norm), 3)
+    ([0.192, 0.302, 0.934], 3.641)
   """
   owner = "unit_rescale"
   check_choice(owner, "norm", norm, NORMS)

@@ -37,49 +37,32 @@ MAX_CONSECUTIVE = Range(low=0.0, allow_inf=False, integer=True)
   ),
 )
 class SkipOnSpikeState(NamedTuple):
-  """State of :func:`~optax_gradctl.skip_on_spike`: statistics, estimators and inner state."""
+  """State of :func:`~optax_gradctl.skip_on_spike`: statistics, estimators and inner state.
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
-  #: float32 scalar: the bound applied to this step's norm: a larger one is
-  #: skipped (+inf during warm-up).
-  threshold: jax.Array
-  #: float32 scalar: the z-score of the norm (0 during warm-up).
-  z: jax.Array
-  #: float32 scalar: the mean of the norm the estimator held at this step.
-  ema_mean: jax.Array
-  #: float32 scalar: its standard deviation.
-  ema_std: jax.Array
-  #: float32 scalar: the loss passed with the step (0 without one).
-  loss: jax.Array
-  #: float32 scalar: the bound applied to this step's loss, the last accepted
-  #: loss plus the largest rise let through (+inf during warm-up or without a
-  #: loss).
-  loss_threshold: jax.Array
-  #: float32 scalar: the z-score of the loss's change (0 during warm-up or
-  #: without a loss).
-  loss_z: jax.Array
-  #: float32 scalar: 1.0 when this step was skipped.
-  skipped: jax.Array
-  #: float32 scalar: 1.0 when the gradient or the loss was not finite.
-  nonfinite: jax.Array
-  #: float32 scalar: 1.0 when the norm was an outlier.
-  norm_spike: jax.Array
-  #: float32 scalar: 1.0 when the loss was an outlier.
-  loss_spike: jax.Array
-  #: int32 scalar: steps skipped so far.
-  skip_count: jax.Array
-  #: int32 scalar: steps skipped in a row, up to this one.
-  consecutive_skips: jax.Array
-  #: The norm's estimator, after this step.
-  ema: _estimator.EmaState
-  #: The estimator of the loss's change from one accepted step to the next,
-  #: after this step.
-  loss_ema: _estimator.EmaState
-  #: float32 scalar: the loss of the last step not skipped (NaN before one).
-  last_loss: jax.Array
-  #: ``inner``'s state, untouched by a skipped step.
-  inner_state: Any
+  ``threshold``, ``ema_mean`` and ``ema_std`` describe the norm's estimator
+  as this step was judged against it. ``loss_threshold`` is the last
+  accepted loss plus the largest rise let through, and ``loss_z`` the
+  z-score of this step's rise; both are +inf and 0 without a loss.
+  """
+
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
+  threshold: jax.Array  #: float32 scalar: this step's bound on the norm (+inf in warm-up).
+  z: jax.Array  #: float32 scalar: the z-score of the norm (0 during warm-up).
+  ema_mean: jax.Array  #: float32 scalar: the norm's mean the estimator held.
+  ema_std: jax.Array  #: float32 scalar: its standard deviation.
+  loss: jax.Array  #: float32 scalar: the loss passed with the step (0 without one).
+  loss_threshold: jax.Array  #: float32 scalar: this step's bound on the loss (+inf in warm-up).
+  loss_z: jax.Array  #: float32 scalar: the z-score of the loss's change.
+  skipped: jax.Array  #: float32 scalar: 1.0 when this step was skipped.
+  nonfinite: jax.Array  #: float32 scalar: 1.0 when the gradient or loss was not finite.
+  norm_spike: jax.Array  #: float32 scalar: 1.0 when the norm was an outlier.
+  loss_spike: jax.Array  #: float32 scalar: 1.0 when the loss was an outlier.
+  skip_count: jax.Array  #: int32 scalar: steps skipped so far.
+  consecutive_skips: jax.Array  #: int32 scalar: steps skipped in a row, up to this one.
+  ema: _estimator.EmaState  #: The norm's estimator, after this step.
+  loss_ema: _estimator.EmaState  #: The estimator of the loss's change, after this step.
+  last_loss: jax.Array  #: float32 scalar: the last accepted loss (NaN before one).
+  inner_state: Any  #: ``inner``'s state, untouched by a skipped step.
 
 
 def skip_on_spike(

@@ -32,26 +32,24 @@ UnitAxis = int | tuple[int, ...] | None
 
 @_stats.register("adaptive_grad_clip")
 class AdaptiveGradClipState(NamedTuple):
-  """Statistics of the last step of :func:`~optax_gradctl.adaptive_grad_clip`."""
+  """Statistics of the last step of :func:`~optax_gradctl.adaptive_grad_clip`.
 
-  #: float32 scalar: the global L2 norm of the incoming gradient.
-  norm: jax.Array
-  #: float32 scalar: the fraction of units clipped.
-  clipped_fraction: jax.Array
+  Its threshold differs from unit to unit (``clipping`` times the unit's
+  parameter norm), so the state records how many units met it.
+  """
+
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming gradient.
+  clipped_fraction: jax.Array  #: float32 scalar: the fraction of units clipped.
 
 
 @_stats.register("per_example_clip")
 class PerExampleClipState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.per_example_clip`."""
 
-  #: float32 scalar: the global L2 norm of the incoming per-example gradients.
-  norm: jax.Array
-  #: float32 scalar: the fraction of examples clipped.
-  clipped_fraction: jax.Array
-  #: float32 scalar: the largest example's norm.
-  max_example_norm: jax.Array
-  #: float32 scalar: the ``l2_norm_clip`` applied at this step.
-  threshold: jax.Array
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the incoming per-example gradients.
+  clipped_fraction: jax.Array  #: float32 scalar: the fraction of examples clipped.
+  max_example_norm: jax.Array  #: float32 scalar: the largest example's norm.
+  threshold: jax.Array  #: float32 scalar: the ``l2_norm_clip`` applied at this step.
 
 
 # --------------------------------------------------------------------------- AGC

@@ -31,22 +31,13 @@ class ZClipState(NamedTuple):
   step's norm was judged against, before the norm entered it.
   """
 
-  #: float32 scalar: the global L2 norm before clipping (non-finite on a non-finite step).
-  norm: jax.Array
-  #: float32 scalar: the bound applied to this step's norm, the largest norm
-  #: let through (+inf when none applies).
-  threshold: jax.Array
-  #: float32 scalar: the z-score of the norm (0 during warm-up).
-  z: jax.Array
-  #: float32 scalar: 1.0 when this step was clipped, else 0.0.
-  clipped_fraction: jax.Array
-  #: float32 scalar: the mean of the norm the estimator held at this step (of
-  #: the warm-up so far, then the EMA).
-  ema_mean: jax.Array
-  #: float32 scalar: its standard deviation.
-  ema_std: jax.Array
-  #: The estimator, after this step's norm entered it.
-  ema: _estimator.EmaState
+  norm: jax.Array  #: float32 scalar: the global L2 norm before clipping.
+  threshold: jax.Array  #: float32 scalar: this step's bound, the largest norm let through.
+  z: jax.Array  #: float32 scalar: the z-score of the norm (0 during warm-up).
+  clipped_fraction: jax.Array  #: float32 scalar: 1.0 when this step was clipped, else 0.0.
+  ema_mean: jax.Array  #: float32 scalar: the mean the estimator held at this step.
+  ema_std: jax.Array  #: float32 scalar: its standard deviation.
+  ema: _estimator.EmaState  #: The estimator, after this step's norm entered it.
 
 
 def zclip(

@@ -28,10 +28,8 @@ class Factors(NamedTuple):
   exactly where nothing is rescaled, or where the rescaling is exactly 1
   (then ``s2 == 1`` too)."""
 
-  #: [S]: the first factor.
-  s1: jax.Array
-  #: [S]: the second, 1 unless the rescaling is beyond one float's range.
-  s2: jax.Array
+  s1: jax.Array  #: [S]: the first factor.
+  s2: jax.Array  #: [S]: the second, 1 unless the rescaling is beyond one float's range.
 
 
 def scale_factors(

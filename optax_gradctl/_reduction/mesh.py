@@ -26,10 +26,10 @@ AxisName = Hashable | tuple[Hashable, ...] | None
 class Axes(NamedTuple):
   """The mesh axes each float leaf is partitioned over, inside ``shard_map``."""
 
-  #: Per float leaf, in :func:`split_floats` order, the axes it is split over.
-  leaf: tuple[tuple[Hashable, ...], ...]
-  #: Every axis named: the collectives run over these.
-  union: tuple[Hashable, ...]
+  leaf: tuple[
+    tuple[Hashable, ...], ...
+  ]  #: Per float leaf, in :func:`split_floats` order, the axes it is split over.
+  union: tuple[Hashable, ...]  #: Every axis named: the collectives run over these.
 
 
 def _is_axis_spec(x: Any) -> bool:

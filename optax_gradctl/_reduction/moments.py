@@ -39,18 +39,12 @@ _CANCELLATION = 2.0**-6
 class Moments(NamedTuple):
   """Mean and centred sum of squares per scope, in units of ``2**e``."""
 
-  #: [S]: the mean of ``x * 2**-e``.
-  mean: jax.Array
-  #: [S]: ``sum((x * 2**-e - mean)**2)``.
-  m2: jax.Array
-  #: [S]: ``sum((x * 2**-e)**2)``.
-  sumsq: jax.Array
-  #: int32 per scope: each scope's scale.
-  e: jax.Array
-  #: int64 per scope: elements per scope (static), once known.
-  n: np.ndarray | None
-  #: bool per scope: every element of the scope equal (exactly).
-  constant: jax.Array
+  mean: jax.Array  #: [S]: the mean of ``x * 2**-e``.
+  m2: jax.Array  #: [S]: ``sum((x * 2**-e - mean)**2)``.
+  sumsq: jax.Array  #: [S]: ``sum((x * 2**-e)**2)``.
+  e: jax.Array  #: int32 per scope: each scope's scale.
+  n: np.ndarray | None  #: int64 per scope: elements per scope (static), once known.
+  constant: jax.Array  #: bool per scope: every element of the scope equal (exactly).
 
   def sum_of_squares(self) -> Pow2:
     """The sums of squares per scope."""

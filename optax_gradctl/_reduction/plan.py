@@ -32,22 +32,14 @@ def scope_of_leaves(scope: Scope, count: int) -> np.ndarray:
 class Plan(NamedTuple):
   """How the float leaves are reduced: static, known at trace time."""
 
-  #: The accumulation dtype.
-  acc: np.dtype
-  #: ``"global"`` or ``"leaf"``.
-  scope: Scope
-  #: int per leaf: the scope of each leaf.
-  scope_of: np.ndarray
-  #: int64 per scope: elements per scope, over every device.
-  n: np.ndarray
-  #: [L]: 1 / the copies of each leaf among the devices, or ``None``.
-  weights: np.ndarray | None
-  #: The mesh axes of each leaf, inside ``shard_map``.
-  axes: mesh.Axes | None
-  #: Leaves read together in the common read.
-  batches: Batches
-  #: Leaves read together in a rescue: the larger ones stacked too.
-  groups: Batches
+  acc: np.dtype  #: The accumulation dtype.
+  scope: Scope  #: ``"global"`` or ``"leaf"``.
+  scope_of: np.ndarray  #: int per leaf: the scope of each leaf.
+  n: np.ndarray  #: int64 per scope: elements per scope, over every device.
+  weights: np.ndarray | None  #: [L]: 1 / the copies of each leaf among the devices, or ``None``.
+  axes: mesh.Axes | None  #: The mesh axes of each leaf, inside ``shard_map``.
+  batches: Batches  #: Leaves read together in the common read.
+  groups: Batches  #: Leaves read together in a rescue: the larger ones stacked too.
 
   @property
   def num_scopes(self) -> int:

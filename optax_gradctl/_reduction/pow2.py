@@ -55,10 +55,8 @@ def exceeds(a_m, a_e, b_m, b_e) -> jax.Array:
 class Pow2(NamedTuple):
   """Non-negative values ``m * 2**e``, safe from over- and underflow."""
 
-  #: The mantissas, in the accumulation dtype.
-  m: jax.Array
-  #: The exponents, int32, of ``m``'s shape.
-  e: jax.Array
+  m: jax.Array  #: The mantissas, in the accumulation dtype.
+  e: jax.Array  #: The exponents, int32, of ``m``'s shape.
 
   def normalized(self) -> Pow2:
     """The same values with ``0.5 <= m < 1`` (``m`` unchanged if 0, inf or NaN)."""

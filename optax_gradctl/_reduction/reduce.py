@@ -24,18 +24,12 @@ NORMS: tuple[str, ...] = ("l2", "l1", "linf")
 class Reduction(NamedTuple):
   """What :func:`reduce` found. Fields not asked for are ``None``."""
 
-  #: float32 scalar: the global L2 norm of the whole tree.
-  norm: jax.Array
-  #: [S]: each scope's L2 norm.
-  l2: Pow2 | None = None
-  #: [S]: each scope's L1 norm.
-  l1: Pow2 | None = None
-  #: [S]: each scope's L-infinity norm.
-  linf: Pow2 | None = None
-  #: Each scope's mean and spread.
-  moments: Moments | None = None
-  #: [L]: each leaf's sum of squares.
-  leaf_sumsq: Pow2 | None = None
+  norm: jax.Array  #: float32 scalar: the global L2 norm of the whole tree.
+  l2: Pow2 | None = None  #: [S]: each scope's L2 norm.
+  l1: Pow2 | None = None  #: [S]: each scope's L1 norm.
+  linf: Pow2 | None = None  #: [S]: each scope's L-infinity norm.
+  moments: Moments | None = None  #: Each scope's mean and spread.
+  leaf_sumsq: Pow2 | None = None  #: [L]: each leaf's sum of squares.
 
 
 def _empty(scopes: int, norms: Sequence[str], with_moments: bool) -> Reduction:

@@ -49,14 +49,10 @@ _CANDIDATES = {F32: (0, 88, -75), F64: (0, 800, -600)}
 class Sums(NamedTuple):
   """Per-leaf partial norms, each leaf's in units of its own ``2**e``."""
 
-  #: [L]: ``sum((x * 2**-e)**2)``.
-  sumsq: jax.Array
-  #: int32 per leaf: each leaf's scale.
-  e: jax.Array
-  #: [L]: ``sum(|x * 2**-e|)``, when asked for.
-  sumabs: jax.Array | None = None
-  #: [L]: ``max |x|``, unscaled, when asked for.
-  amax: jax.Array | None = None
+  sumsq: jax.Array  #: [L]: ``sum((x * 2**-e)**2)``.
+  e: jax.Array  #: int32 per leaf: each leaf's scale.
+  sumabs: jax.Array | None = None  #: [L]: ``sum(|x * 2**-e|)``, when asked for.
+  amax: jax.Array | None = None  #: [L]: ``max |x|``, unscaled, when asked for.
 
   def sum_of_squares(self) -> Pow2:
     """Each leaf's sum of squares."""
@@ -66,12 +62,9 @@ class Sums(NamedTuple):
 class Scoped(NamedTuple):
   """The norms per scope ([S]), from the per-leaf :class:`Sums`."""
 
-  #: Each scope's sum of squares.
-  sumsq: Pow2
-  #: Each scope's sum of magnitudes, when asked for.
-  sumabs: Pow2 | None
-  #: Each scope's largest magnitude, unscaled, when asked for.
-  amax: jax.Array | None
+  sumsq: Pow2  #: Each scope's sum of squares.
+  sumabs: Pow2 | None  #: Each scope's sum of magnitudes, when asked for.
+  amax: jax.Array | None  #: Each scope's largest magnitude, unscaled, when asked for.
 
 
 def per_scope(sums: Sums, plan: Plan, *, scaled: bool) -> Scoped:
