@@ -52,12 +52,12 @@ def test_the_factors_reach_each_output_kernel_as_one_operand():
 
 def test_the_ordering_zero_is_computed_once():
   """clip_by_value's clamp waits for its statistics through an exact zero
-  made from them: its output kernels take that zero as a value (7
+  made from them: its output kernels take that zero as a value (15
   instructions). Without the divide that makes it, its arithmetic is copied
-  into each (21)."""
+  into each (33)."""
   leaves = [jnp.linspace(-1.0, 3.0, 100 + i) for i in range(6)]
   for shape, sizes in _output_kernels(gc.clip_by_value(1.0, stats=True), leaves).items():
-    assert sizes and max(sizes) <= 12, (shape, sizes)
+    assert sizes and max(sizes) <= 22, (shape, sizes)
 
 
 def _program_lines(groups: int) -> int:
