@@ -5,8 +5,8 @@ rewriting of it, in a form that keeps XLA from a transformation that is
 correct but costly: merging a read with an identical one elsewhere in the
 step, copying scalar arithmetic into every leaf's kernel, folding constants
 into an overflow, copying a donated gradient, or broadcasting scalars to
-full size. Each docstring names the
-test that fails without it; ``docs/performance.rst`` has the measurements.
+full size. Each docstring says what XLA does without it and names the test
+that then fails.
 """
 
 from __future__ import annotations
