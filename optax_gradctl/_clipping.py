@@ -151,28 +151,21 @@ def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array, Callable]:
   makes every element NaN when the bounds are NaN or crossed."""
   upper = jnp.asarray(max_value, acc)
   lower = -upper if min_value is None else jnp.asarray(min_value, acc)
-  clamp = _clamp_symmetric if min_value is None else _clamp
   if isinstance(max_value, jax.core.Tracer) or isinstance(min_value, jax.core.Tracer):
     ok = lower <= upper  # false for a NaN bound too
-    return nan_unless(ok, lower), nan_unless(ok, upper), functools.partial(_or_nan, clamp)
-  return lower, upper, clamp
+    return nan_unless(ok, lower), nan_unless(ok, upper), functools.partial(_or_nan, _clamp)
+  return lower, upper, _clamp
 
 
 def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
   """``x`` clamped to ``[lower, upper]``; an element within the bounds is
-  ``x``'s own, bitwise, and NaN stays NaN. A clamp alone would flush a
-  subnormal element on a CPU; so would two selects, which XLA makes a clamp
-  of."""
-  return jnp.where((x > upper) | (x < lower), jnp.clip(x, lower, upper), x)
-
-
-def _clamp_symmetric(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
-  """:func:`_clamp` for ``lower == -upper``: one compare, as cheap as
-  ``optax.clip``'s clamp. It reads ``lower``, the factor that
-  :func:`~optax_gradctl._reduction.factors.apply` orders after the
-  statistics."""
-  bound = -lower
-  return jnp.where(jnp.abs(x) > bound, jnp.copysign(bound, x), x)
+  ``x``'s own, bitwise, and NaN stays NaN. A clamp alone flushes a subnormal
+  element on a CPU, where it compares equal to its flushed clamp: the select
+  then returns the element. Two selects would not do: XLA makes a clamp of
+  them
+  (``tests/test_clipping.py::test_clip_by_value_keeps_within_bound_elements_bitwise``)."""
+  clamped = jnp.clip(x, lower, upper)
+  return jnp.where(clamped == x, x, clamped)
 
 
 def _or_nan(clamp: Callable, x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:

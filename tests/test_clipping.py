@@ -236,12 +236,13 @@ def test_clipping_the_update_after_the_optimizer():
 @pytest.mark.usefixtures("strategy")
 @pytest.mark.parametrize("stats", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_clip_by_value_keeps_within_bound_elements_bitwise(stats, dtype):
+@pytest.mark.parametrize("min_value", [None, -2.0])
+def test_clip_by_value_keeps_within_bound_elements_bitwise(stats, dtype, min_value):
   """Subnormal elements within the bounds included, which a clamp flushes on a CPU."""
   tiny = 7e-45 if dtype == jnp.float32 else 2e-40  # subnormal in each dtype
   g = jnp.asarray(np.array([0.5, tiny, -2.9e-39, 1e-39, 3.0], np.float32)).astype(dtype)
   assert np.count_nonzero(np.asarray(g, np.float32)) == 5  # the subnormals survived the cast
-  tx = gc.clip_by_value(1.0, stats=stats)
+  tx = gc.clip_by_value(1.0, min_value, stats=stats)
   out, _ = jax.jit(tx.update)(g, tx.init(g))
   np.testing.assert_array_equal(
     np.asarray(out[:4]).view(np.uint8), np.asarray(g[:4]).view(np.uint8)
