@@ -101,3 +101,26 @@ def test_the_zscore_tolerances_are_stated_alike():
     assert "within 1e-3" in sentence and "``std`` within 1e-4" in sentence
   readme = read("README.md")
   assert "float64 answer to 1e-4" not in readme and "to about 1e-4" not in docstring
+
+
+# ----------------------------------------------------------------------------- README
+
+QUICK_START = [
+  'pip install -e ".[examples]" && python examples/lstm_adding.py',
+  'pip install -e ".[test]" && pytest',
+]
+
+
+def test_the_readme_is_a_front_page_with_the_quick_start_commands():
+  text = (ROOT / "README.md").read_text()
+  assert len(text.splitlines()) <= 200
+  quick_start = text[text.index("## Quick start") :]
+  block = quick_start[quick_start.index("```bash") + len("```bash") :]
+  assert block[: block.index("```")].strip().splitlines() == QUICK_START
+
+
+def test_every_file_the_readme_links_to_exists():
+  links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+  assert links
+  for link in links:
+    assert (ROOT / link).exists(), link
