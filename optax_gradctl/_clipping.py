@@ -17,7 +17,14 @@ from optax_gradctl._reduction.factors import apply
 from optax_gradctl._reduction.leaves import acc_dtype, split_floats
 from optax_gradctl._reduction.mesh import AxisName, float_axes
 from optax_gradctl._reduction.plan import SCOPES, Scope
-from optax_gradctl._reduction.reduce import NORMS, NormOrd, reduce, reduce_tree, rescaled_to_norm
+from optax_gradctl._reduction.reduce import (
+  NORMS,
+  NormOrd,
+  Reduction,
+  reduce,
+  reduce_tree,
+  rescaled_to_norm,
+)
 from optax_gradctl._validation import (
   NON_NEGATIVE,
   check_choice,
@@ -298,7 +305,15 @@ def _clip_by_norm(
       norm=red.norm,
       clipped_fraction=jnp.mean(clipped.astype(jnp.float32)),
       threshold=_stats.as_statistic(max_norm),
-      compared_norm=jnp.max(getattr(red, norm).to_float32()),
+      compared_norm=_compared_norm(red, norm, scope),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _compared_norm(red: Reduction, norm: NormOrd, scope: Scope) -> jax.Array:
+  """The largest norm compared with the threshold: for the global L2 norm,
+  the ``norm`` statistic itself, read from the same sum of squares."""
+  if norm == "l2" and scope == "global":
+    return red.norm
+  return jnp.max(getattr(red, norm).to_float32())

@@ -1,7 +1,6 @@
 """The main example: its data generator, and a --quick run end to end."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 
 import optax_gradctl as gc
+
+from .examples_run import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -75,21 +76,7 @@ QUICK_CONTROLS = ("clip_by_value", "clip_by_global_norm")
 
 @pytest.mark.scripts
 def test_quick_run_writes_its_artefacts(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(ROOT / "examples" / "lstm_adding.py"),
-      "--quick",
-      "--controls",
-      *QUICK_CONTROLS,
-      "--out",
-      str(tmp_path),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_example("lstm_adding.py", "--quick", "--controls", *QUICK_CONTROLS, out=tmp_path)
   assert "| control |" in proc.stdout and "wall time" in proc.stdout
   for name in ("lstm_adding.png", "lstm_adding_groups.png"):
     png = tmp_path / name

@@ -2,12 +2,13 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .examples_run import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -61,19 +62,7 @@ def test_spikes_and_sensitivity_as_defined():
 def test_a_tiny_sweep_writes_its_artefacts(tmp_path):
   args = ["--steps", "12", "--block", "6", "--seeds", "1", "--lrs", "1e-3", "3e-1",
           "--d-model", "16", "--heads", "2", "--layers", "1", "--batch", "4", "--context", "8"]  # fmt: skip
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(ROOT / "examples" / "transformer_lr_sweep.py"),
-      *args,
-      "--out",
-      str(tmp_path),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_example("transformer_lr_sweep.py", *args, out=tmp_path)
   for name in ("lr_sensitivity.png", "instability.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   rows = json.loads((tmp_path / "metrics.json").read_text())["runs"]
