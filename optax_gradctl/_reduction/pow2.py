@@ -123,16 +123,26 @@ class Pow2(NamedTuple):
   def segment_total(self, segment: np.ndarray, count: int) -> Pow2:
     """The sums of 1-D values per segment (``segment``: the static segment
     of each value, each of ``range(count)`` present), each taken at its
-    segment's largest exponent, as :meth:`total`. Written as a masked
-    reduction over [segment, value], not a scatter: elementwise ops and
-    reductions have a sharding rule on every supported jax."""
-    v = self.normalized()
-    member = jnp.asarray(segment)[None, :] == jnp.arange(count)[:, None]  # [S, N]
-    top = jnp.max(jnp.where(member, _top_exponents(v)[None, :], _NO_EXPONENT), axis=1)
-    top_of_value = jnp.max(jnp.where(member, top[:, None], _NO_EXPONENT), axis=0)
-    scaled = v.m * exp2(v.e - top_of_value, v.m.dtype)
-    m = jnp.sum(jnp.where(member, scaled[None, :], 0), axis=1)
-    return Pow2(m, jnp.where(top == _NO_EXPONENT, 0, top))
+    segment's largest exponent, as :meth:`total`. The values are gathered
+    into a table of segment by member, padded with zeros, and totalled along
+    it: work in proportion to ``count`` times the largest segment, and a
+    gather rather than a scatter, which has no sharding rule under
+    explicit mesh axes on jax 0.6."""
+    members = _members(np.asarray(segment), count)
+    table = Pow2(jnp.append(self.m, 0)[members], jnp.append(self.e, 0)[members])
+    return table.total(axis=1)
+
+
+def _members(segment: np.ndarray, count: int) -> np.ndarray:
+  """[count, width]: the positions of each segment's values, in order, then
+  ``len(segment)`` (a padding zero) up to the largest segment's size."""
+  order = np.argsort(segment, kind="stable")
+  sizes = np.bincount(segment, minlength=count)
+  starts = np.cumsum(sizes) - sizes
+  rank = np.arange(len(segment)) - starts[segment[order]]
+  members = np.full((count, max(int(sizes.max(initial=0)), 1)), len(segment))
+  members[segment[order], rank] = order
+  return members
 
 
 def _top_exponents(v: Pow2) -> jax.Array:
