@@ -166,11 +166,10 @@ def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array, Callable]:
 
 def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
   """``x`` clamped to ``[lower, upper]``; an element within the bounds is
-  ``x``'s own, bitwise, and NaN stays NaN. A clamp alone flushes a subnormal
-  element on a CPU, where it compares equal to its flushed clamp: the select
-  then returns the element. Two selects would not do: XLA makes a clamp of
-  them
-  (``tests/test_clipping.py::test_clip_by_value_keeps_within_bound_elements_bitwise``)."""
+  ``x``'s own, bitwise, and NaN stays NaN. On a CPU a clamp flushes a
+  subnormal element, which then compares equal to its clamp: the select
+  returns the element. Two selects would not do, as XLA makes a clamp of
+  them; the bitwise test in ``tests/test_clipping.py`` fails with either."""
   clamped = jnp.clip(x, lower, upper)
   return jnp.where(clamped == x, x, clamped)
 
