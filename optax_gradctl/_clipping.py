@@ -88,8 +88,9 @@ def clip_by_value(
   The clamp costs what ``optax.clip`` costs: it fuses into the optimizer's
   own kernel. Statistics are recorded only when asked for (``stats=True``):
   they read the gradient twice more, for the norm and for the count of
-  clamped elements, which in a CPU Adam step costs about as much as the step
-  itself (``docs/performance.rst``).
+  clamped elements. In a CPU Adam step over 1e7 parameters that took the
+  step's overhead from +2.4% (``optax.clip``: +0.5%) to +94%, and alone it
+  takes 4.3 to 8.8 times the clamp's time (``docs/performance.rst``).
 
   Args:
     max_value: the upper bound.
