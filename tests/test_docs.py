@@ -92,8 +92,9 @@ def test_a_string_passes_through_inject_hyperparams_as_the_docs_say():
 
 
 def test_the_zscore_tolerances_are_stated_alike():
-  """The README, the docstring and the numerics page give the tolerance that
-  tests/test_normalizing.py checks: outputs to 1e-3, ``std`` to 1e-4."""
+  """The docstring and the numerics page give the tolerance that
+  tests/test_normalizing.py checks, outputs to 1e-3 and ``std`` to 1e-4, and
+  the README no other."""
   docstring = " ".join(gc.zscore.__doc__.split())
   numerics = read("docs/numerics.rst")
   for text in (docstring, numerics):
