@@ -19,6 +19,7 @@ from optax_gradctl._validation import (
   COUNT,
   OPEN_UNIT,
   POSITIVE,
+  and_ok,
   check_number,
   nan_unless,
   traced_ok,
@@ -128,7 +129,7 @@ def adagc(
     ok = traced_ok(
       [(beta, OPEN_UNIT), (lambda_abs, POSITIVE), (lambda_rel, POSITIVE), (warmup_steps, COUNT)]
     )
-    finite = jnp.all(jnp.isfinite(red.l2.m)) & (True if ok is None else ok)
+    finite = and_ok(jnp.all(jnp.isfinite(red.l2.m)), ok)
     warm = state.count + 1 >= jnp.asarray(warmup_steps).astype(jnp.int32)
     factors, active, clipped_norms, caps = _adagc_clip(
       red, state.gamma, warm, lambda_abs, lambda_rel

@@ -12,7 +12,15 @@ from jax.typing import ArrayLike
 from optax_gradctl import _stats
 from optax_gradctl._reduction.mesh import AxisName
 from optax_gradctl._reduction.reduce import reduce_tree, rescaled_to_norm
-from optax_gradctl._validation import COUNT, Range, check_number, concrete, nan_unless, traced_ok
+from optax_gradctl._validation import (
+  COUNT,
+  Range,
+  and_ok,
+  check_number,
+  concrete,
+  nan_unless,
+  traced_ok,
+)
 
 PERCENTILE = Range(low=0.0, high=100.0)
 
@@ -103,7 +111,7 @@ def autoclip(
     norm = red.norm
     finite = jnp.all(jnp.isfinite(red.l2.m))  # an overflowing norm enters as +inf
     ok = traced_ok([(percentile, PERCENTILE)])
-    enter = finite if ok is None else finite & ok
+    enter = and_ok(finite, ok)
     buffer = state.history
     n = buffer.shape[0]  # read from the state, never from a traced argument
     slot = state.count % n

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -143,27 +141,28 @@ def clip_by_value(
   def update_fn(updates, state, params=None):
     del params
     floats, rebuild = split_floats(updates)
-    lower, upper, clamp = _bounds(max_value, min_value, acc_dtype(floats))
+    lower, upper = _bounds(max_value, min_value, acc_dtype(floats))
     if not stats:
-      return rebuild(apply(floats, "global", clamp, lower[None], upper[None])), state
+      return rebuild(apply(floats, "global", _clamp, lower[None], upper[None])), state
     axes = float_axes(axis_name, updates)
     red = reduce(floats, axes=axes)
     fraction = fraction_outside(floats, lower, upper, axes=axes)
-    clamped = apply(floats, "global", clamp, lower[None], upper[None], after=(red.norm, fraction))
+    clamped = apply(floats, "global", _clamp, lower[None], upper[None], after=(red.norm, fraction))
     return rebuild(clamped), ClipByValueState(norm=red.norm, clipped_fraction=fraction)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array, Callable]:
-  """The bounds in ``acc``, and the clamp: where a bound is traced, one that
-  makes every element NaN when the bounds are NaN or crossed."""
+def _bounds(max_value, min_value, acc) -> tuple[jax.Array, jax.Array]:
+  """The bounds in ``acc``. Where a bound is traced and the two are NaN or
+  crossed, both are NaN, and so is every clamped element: XLA's ``min`` and
+  ``max``, which make the clamp, propagate NaN."""
   upper = jnp.asarray(max_value, acc)
   lower = -upper if min_value is None else jnp.asarray(min_value, acc)
   if isinstance(max_value, jax.core.Tracer) or isinstance(min_value, jax.core.Tracer):
     ok = lower <= upper  # false for a NaN bound too
-    return nan_unless(ok, lower), nan_unless(ok, upper), functools.partial(_or_nan, _clamp)
-  return lower, upper, _clamp
+    return nan_unless(ok, lower), nan_unless(ok, upper)
+  return lower, upper
 
 
 def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
@@ -174,11 +173,6 @@ def _clamp(x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
   them; the bitwise test in ``tests/test_clipping.py`` fails with either."""
   clamped = lax.clamp(lower, x, upper)  # lax, not jnp: a third less to trace and compile
   return lax.select(lax.eq(clamped, x), x, clamped)
-
-
-def _or_nan(clamp: Callable, x: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
-  """``clamp``, and NaN everywhere for NaN bounds."""
-  return jnp.where(lower <= upper, clamp(x, lower, upper), jnp.nan)
 
 
 def clip_by_norm(

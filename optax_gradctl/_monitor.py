@@ -31,9 +31,7 @@ class MonitorState(NamedTuple):
   """Statistics of the last step of :func:`~optax_gradctl.monitor`."""
 
   norm: jax.Array  #: float32 scalar: the global L2 norm of the gradient.
-  group_norms: dict[
-    str, jax.Array
-  ]  #: float32 scalars: the L2 norm of each group of leaves, by group name.
+  group_norms: dict[str, jax.Array]  #: float32 scalars: each group's L2 norm, by name.
 
 
 def _group_names(tree: Any, groups: GroupFn) -> list[str]:

@@ -12,9 +12,13 @@ from jax.typing import ArrayLike
 from optax_gradctl import _estimator, _stats
 from optax_gradctl._reduction.mesh import AxisName
 from optax_gradctl._reduction.reduce import reduce_tree
-from optax_gradctl._validation import POSITIVE, Range, check_number, traced_ok
-
-MAX_CONSECUTIVE = Range(low=0.0, allow_inf=False, integer=True)
+from optax_gradctl._validation import (
+  COUNT_OR_ZERO,
+  POSITIVE,
+  check_number,
+  nan_unless,
+  traced_ok,
+)
 
 
 @_stats.register(
@@ -149,7 +153,7 @@ def skip_on_spike(
   _check_inner(inner)
   _estimator.check_estimator_args(owner, z_threshold, decay, warmup_steps)
   check_number(owner, "loss_z_threshold", loss_z_threshold, POSITIVE, optional=True)
-  check_number(owner, "max_consecutive", max_consecutive, MAX_CONSECUTIVE)
+  check_number(owner, "max_consecutive", max_consecutive, COUNT_OR_ZERO)
   inner = optax.with_extra_args_support(inner)
   rules = _Rules(
     z_threshold,
@@ -161,7 +165,7 @@ def skip_on_spike(
   checks = [
     *_estimator.estimator_checks(rules.z_threshold, decay, warmup_steps),
     (rules.loss_z_threshold, POSITIVE),
-    (max_consecutive, MAX_CONSECUTIVE),
+    (max_consecutive, COUNT_OR_ZERO),
   ]
 
   def init_fn(params: Any) -> SkipOnSpikeState:
@@ -182,7 +186,7 @@ def skip_on_spike(
     ok = traced_ok(checks)
     let_through = state.consecutive_skips >= jnp.asarray(max_consecutive).astype(jnp.int32)
     skip = ~seen.finite | ((seen.norm.spike | seen.loss.spike) & ~let_through)
-    skip = skip if ok is None else skip | ~ok  # nothing enters; the update is NaN
+    skip = skip if ok is None else skip | ~ok  # out of range: nothing enters; the update is NaN
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     keep = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
     inner_state = jax.tree.map(keep, inner_state, state.inner_state)
@@ -226,9 +230,7 @@ def _skipped(u: jax.Array, skip: jax.Array, ok: jax.Array | None) -> jax.Array:
   """A leaf of the update: zeros where the step is skipped, NaN where a
   traced hyperparameter is out of range."""
   out = jnp.where(skip, jnp.zeros_like(u), u)
-  if ok is None or not jnp.issubdtype(u.dtype, jnp.inexact):
-    return out
-  return jnp.where(ok, out, jnp.nan)
+  return nan_unless(ok, out) if jnp.issubdtype(u.dtype, jnp.inexact) else out
 
 
 class _Rules(NamedTuple):

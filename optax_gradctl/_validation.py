@@ -62,6 +62,7 @@ NON_NEGATIVE = Range(low=0.0)
 POSITIVE = Range(low=0.0, low_open=True)
 OPEN_UNIT = Range(low=0.0, high=1.0, low_open=True, high_open=True)
 COUNT = Range(low=1.0, allow_inf=False, integer=True)
+COUNT_OR_ZERO = Range(low=0.0, allow_inf=False, integer=True)
 
 
 def concrete(value: Any) -> float | None:
@@ -104,6 +105,12 @@ def traced_ok(checks: Sequence[tuple[Any, Range]]) -> jax.Array | None:
       holds = allowed.holds(jnp.asarray(value, jnp.float32))
       ok = holds if ok is None else ok & holds
   return ok
+
+
+def and_ok(mask: jax.Array, ok: jax.Array | None) -> jax.Array:
+  """``mask``, false where a traced hyperparameter is out of range (``ok``
+  from :func:`traced_ok`; ``None``: ``mask`` as it is)."""
+  return mask if ok is None else mask & ok
 
 
 def nan_unless(ok: jax.Array | None, x: Any) -> Any:

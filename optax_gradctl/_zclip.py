@@ -14,6 +14,7 @@ from optax_gradctl._reduction.mesh import AxisName
 from optax_gradctl._reduction.reduce import reduce_tree, rescaled_to_norm
 from optax_gradctl._validation import (
   NON_NEGATIVE,
+  and_ok,
   check_choice,
   check_number,
   nan_unless,
@@ -132,7 +133,7 @@ def zclip(
     # A finite gradient enters: its norm, or on a spike (an overflowing
     # norm included) its cap. During warm-up an overflowing norm cannot.
     entered = jnp.where(found.spike, found.cap, red.norm)
-    enter = finite & jnp.isfinite(entered) & (True if ok is None else ok)
+    enter = and_ok(finite & jnp.isfinite(entered), ok)
     ema = _estimator.ema_update(state.ema, entered, enter, warmup_steps, decay)
     ema_mean, ema_std = _estimator.mean_and_std(state.ema, warmup_steps)
     new = ZClipState(

@@ -26,9 +26,7 @@ AxisName = Hashable | tuple[Hashable, ...] | None
 class Axes(NamedTuple):
   """The mesh axes each float leaf is partitioned over, inside ``shard_map``."""
 
-  leaf: tuple[
-    tuple[Hashable, ...], ...
-  ]  #: Per float leaf, in :func:`split_floats` order, the axes it is split over.
+  leaf: tuple[tuple[Hashable, ...], ...]  #: Per float leaf, in order: the axes it is split over.
   union: tuple[Hashable, ...]  #: Every axis named: the collectives run over these.
 
 

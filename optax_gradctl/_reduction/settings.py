@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Literal
 
-from optax_gradctl._validation import COUNT, Range, check_choice, check_number
+from optax_gradctl._validation import COUNT, COUNT_OR_ZERO, check_choice, check_number
 
 Rescue = Literal["auto", "branch", "select"]
 RESCUES: tuple[str, ...] = ("auto", "branch", "select")
@@ -45,9 +45,7 @@ class ReductionSettings:
   def __post_init__(self):
     owner = "reduction_settings"
     check_choice(owner, "rescue", self.rescue, RESCUES)
-    check_number(
-      owner, "stack_limit", self.stack_limit, Range(low=0.0, allow_inf=False, integer=True)
-    )
+    check_number(owner, "stack_limit", self.stack_limit, COUNT_OR_ZERO)
     check_number(owner, "stack_group", self.stack_group, COUNT)
 
 
